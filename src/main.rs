@@ -1,1 +1,6 @@
-fn main(){}
+//! The `remora` binary: CLI parsing and process wiring live in `remora::cli`.
+#![forbid(unsafe_code)]
+
+fn main() {
+    std::process::exit(remora::cli::main_with_args(std::env::args_os()));
+}

@@ -2,9 +2,11 @@
 //! compilation into an immutable [`Snapshot`](crate::snapshot::Snapshot), and
 //! watching for changes.
 
+pub mod compile;
 pub mod load;
 pub mod model;
 pub mod validate;
+pub mod watch;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -170,6 +172,19 @@ pub struct LoadedSet {
     pub resources: Vec<Resource>,
     pub files: Vec<SourceFile>,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+impl LoadedSet {
+    /// The set's version: a hash of its files' names and contents.
+    pub fn version(&self) -> String {
+        let mut input = Vec::new();
+        for f in &self.files {
+            input.extend_from_slice(f.path.to_string_lossy().as_bytes());
+            input.push(0);
+            input.extend_from_slice(f.hash.as_bytes());
+        }
+        format!("{:016x}", fnv1a64(&input))
+    }
 }
 
 /// FNV-1a 64-bit, used for content hashes and config versions (not security).

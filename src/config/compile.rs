@@ -1,0 +1,1201 @@
+//! Compiles a validated resource set into a [`Snapshot`]: listeners with their
+//! route tables, and clusters with endpoints and policy. This is Istio's
+//! translator in miniature (reference: `pilot/pkg/networking/core`), and the
+//! place where cross-references are checked: a route to an unknown host, an
+//! undefined subset or an ambiguous port is an error here, never a runtime 503.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::StatusCode;
+use serde_json::json;
+
+use super::model::{self, Spec};
+use super::validate::validate_resource;
+use super::{Diagnostic, LoadedSet, Resource};
+use crate::route::matcher::{anchored_regex, HeaderCondition, QueryCondition};
+use crate::route::{
+    AbortKind, Action, DirectResponse, Fallback, Fault, FaultAbort, FaultDelay, Forward, HeaderOps, PathMatch,
+    Redirect, RedirectPort, Rewrite, Route, RouteMatch, RouteTable, StringMatcher, UriRewrite, VirtualHost,
+    WeightedCluster,
+};
+use crate::snapshot::{Listener, ListenerKind, Snapshot};
+use crate::upstream::{
+    dns, ClusterKey, ClusterSpec, Direction, Discovery, DnsTarget, EndpointSpec, HashSource, LbPolicy, PoolSettings,
+    Protocol, Registry,
+};
+
+/// Kubernetes' cluster domain; short names expand to `name.ns.svc.cluster.local`.
+pub const DOMAIN_SUFFIX: &str = "svc.cluster.local";
+
+/// Default bind address for an egress listener that names only a port: the
+/// outbound side serves the local app, so it is not exposed beyond loopback.
+const DEFAULT_EGRESS_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Default bind for gateway servers and sidecar ingress: all interfaces, as Istio.
+const DEFAULT_PUBLIC_BIND: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+/// Process-level settings that shape compilation (from `remora run` flags).
+#[derive(Debug, Clone, Default)]
+pub struct CompileOptions {
+    /// The proxy's own namespace (`--namespace`).
+    pub namespace: String,
+    /// The proxy's workload labels (`--workload-labels`). Empty: a standalone
+    /// proxy, to which every Gateway applies.
+    pub workload_labels: BTreeMap<String, String>,
+}
+
+/// Validates and compiles. On any error, returns every diagnostic (errors and
+/// warnings); on success the snapshot carries the warnings.
+pub fn compile(set: &LoadedSet, opts: &CompileOptions, registry: &Registry) -> Result<Snapshot, Vec<Diagnostic>> {
+    let mut diags = set.diagnostics.clone();
+    for r in &set.resources {
+        validate_resource(r, &mut diags);
+    }
+    if diags.iter().any(Diagnostic::is_error) {
+        return Err(diags);
+    }
+    let mut c = Compiler { opts, registry, diags, services: BTreeMap::new(), drs: HashMap::new(), clusters: BTreeMap::new() };
+    c.build_registry(&set.resources);
+    c.build_destination_rules(&set.resources);
+    let listeners = c.build_listeners(&set.resources);
+    if c.diags.iter().any(Diagnostic::is_error) {
+        return Err(c.diags);
+    }
+    let version = set.version();
+    let clusters = c.clusters.into_values().collect();
+    let warnings = c.diags;
+    Ok(Snapshot::new(version, listeners, clusters, set.files.clone(), warnings, set.resources.len()))
+}
+
+/// Resolves DNS clusters of a freshly compiled snapshot (first answer awaited
+/// with a bound) and starts their refresh tasks. Call before publishing.
+pub async fn start_discovery(snapshot: &Snapshot) {
+    let dns_clusters: Vec<_> =
+        snapshot.clusters.iter().filter(|c| matches!(c.discovery, Discovery::Dns { .. })).cloned().collect();
+    let tasks: Vec<_> = dns_clusters.iter().map(dns::start).collect();
+    futures_util::future::join_all(tasks).await;
+}
+
+/// Expands a short host name with a namespace, as Istio does.
+pub fn expand_host(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host == "*" || host.starts_with('*') {
+        host.to_ascii_lowercase()
+    } else {
+        format!("{}.{namespace}.{DOMAIN_SUFFIX}", host.to_ascii_lowercase())
+    }
+}
+
+/// One service from the registry (a ServiceEntry host).
+struct Service {
+    host: String,
+    namespace: String,
+    ports: Vec<model::ServicePort>,
+    resolution: String,
+    endpoints: Vec<model::WorkloadEntry>,
+    from: String,
+}
+
+struct DrInfo {
+    namespace: String,
+    name: String,
+    policy: Option<model::TrafficPolicy>,
+    subsets: Vec<model::Subset>,
+}
+
+struct Compiler<'a> {
+    opts: &'a CompileOptions,
+    registry: &'a Registry,
+    diags: Vec<Diagnostic>,
+    services: BTreeMap<String, Service>,
+    drs: HashMap<String, DrInfo>,
+    clusters: BTreeMap<ClusterKey, Arc<crate::upstream::Cluster>>,
+}
+
+fn is_http_protocol(p: &str) -> bool {
+    matches!(p, "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
+}
+
+fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+impl Compiler<'_> {
+    fn push(&mut self, d: Diagnostic) {
+        self.diags.push(d);
+    }
+
+    // === services ===
+
+    fn build_registry(&mut self, resources: &[Resource]) {
+        for r in resources {
+            let Spec::ServiceEntry(se) = &r.spec else { continue };
+            let resolution = se.resolution.clone().unwrap_or_else(|| "NONE".into()).to_ascii_uppercase();
+            for (i, h) in se.hosts.iter().enumerate() {
+                let host = expand_host(h, &r.namespace);
+                if let Some(prev) = self.services.get(&host) {
+                    let msg = format!("host {host} is also defined by {}; remora needs one ServiceEntry per host", prev.from);
+                    self.push(r.error(format!("spec.hosts[{i}]"), msg));
+                    continue;
+                }
+                self.services.insert(
+                    host.clone(),
+                    Service {
+                        host,
+                        namespace: r.namespace.clone(),
+                        ports: se.ports.clone(),
+                        resolution: resolution.clone(),
+                        endpoints: se.endpoints.clone(),
+                        from: r.display_name(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn build_destination_rules(&mut self, resources: &[Resource]) {
+        for r in resources {
+            let Spec::DestinationRule(dr) = &r.spec else { continue };
+            let host = expand_host(&dr.host, &r.namespace);
+            if !self.services.contains_key(&host) {
+                self.push(r.warning("spec.host", format!("no ServiceEntry defines host {host}; this DestinationRule has no effect")));
+            }
+            match self.drs.get_mut(&host) {
+                None => {
+                    self.drs.insert(
+                        host,
+                        DrInfo {
+                            namespace: r.namespace.clone(),
+                            name: r.name.clone(),
+                            policy: dr.traffic_policy.clone(),
+                            subsets: dr.subsets.clone(),
+                        },
+                    );
+                }
+                Some(existing) => {
+                    // Istio merges DestinationRules for one host: the first
+                    // traffic policy wins, subsets are merged by name.
+                    let first = format!("DestinationRule {}/{}", existing.namespace, existing.name);
+                    if dr.traffic_policy.is_some() && existing.policy.is_some() {
+                        self.diags.push(r.warning("spec.trafficPolicy", format!("host {host} already has a traffic policy from {first}; this one is ignored")));
+                    } else if existing.policy.is_none() {
+                        existing.policy = dr.traffic_policy.clone();
+                    }
+                    for (i, s) in dr.subsets.iter().enumerate() {
+                        if existing.subsets.iter().any(|e| e.name == s.name) {
+                            self.diags.push(r.warning(format!("spec.subsets[{i}]"), format!("subset {} of host {host} is already defined by {first}; this one is ignored", s.name)));
+                        } else {
+                            existing.subsets.push(s.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The cluster for `host`/`subset`/`port`, built on first use.
+    fn cluster(&mut self, host: &str, subset: Option<&str>, port: u16) -> Result<Arc<crate::upstream::Cluster>, String> {
+        let key = ClusterKey { direction: Direction::Outbound, port, subset: subset.map(str::to_string), host: host.to_string() };
+        if let Some(c) = self.clusters.get(&key) {
+            return Ok(c.clone());
+        }
+        let svc = self.services.get(host).ok_or_else(|| format!("host {host} is not defined by any ServiceEntry"))?;
+        let svc_port = svc
+            .ports
+            .iter()
+            .find(|p| p.number == u32::from(port))
+            .ok_or_else(|| format!("service {host} has no port {port}"))?;
+        let protocol = port_protocol(svc_port);
+        if !is_http_protocol(protocol) {
+            return Err(format!("port {port} of {host} is {protocol}; remora routes HTTP, HTTP2 and GRPC ports"));
+        }
+        let dr = self.drs.get(host);
+        let subset_def = match subset {
+            None => None,
+            Some(name) => match dr.and_then(|d| d.subsets.iter().find(|s| s.name == name)) {
+                Some(s) => Some(s),
+                None => {
+                    return Err(match dr {
+                        Some(d) => format!("subset {name} is not defined by DestinationRule {}/{} for {host}", d.namespace, d.name),
+                        None => format!("subset {name} needs a DestinationRule for {host}, and there is none"),
+                    });
+                }
+            },
+        };
+        let policy = effective_policy(dr.and_then(|d| d.policy.as_ref()), subset_def.and_then(|s| s.traffic_policy.as_ref()), port);
+        let selector = subset_def.map(|s| s.labels.clone()).unwrap_or_default();
+        let mut settings = PoolSettings {
+            protocol: if protocol == "HTTP" { Protocol::Http1 } else { Protocol::Http2 },
+            ..PoolSettings::default()
+        };
+        apply_pool_policy(&mut settings, policy.connection_pool.as_ref());
+        let lb = lb_policy(policy.load_balancer.as_ref());
+        let target_port = |ep: &model::WorkloadEntry| -> u16 {
+            let p = ep.ports.get(&svc_port.name).copied().or(svc_port.target_port).unwrap_or(svc_port.number);
+            u16::try_from(p).unwrap_or(port)
+        };
+        let (discovery, endpoints) = match svc.resolution.as_str() {
+            "STATIC" => {
+                let eps = svc
+                    .endpoints
+                    .iter()
+                    .filter_map(|ep| {
+                        let ip: IpAddr = ep.address.parse().ok()?;
+                        Some(EndpointSpec { addr: SocketAddr::new(ip, target_port(ep)), weight: ep.weight.unwrap_or(1), labels: ep.labels.clone() })
+                    })
+                    .collect();
+                (Discovery::Static, eps)
+            }
+            _ => {
+                // DNS (and NONE, which in explicit-listener mode has no original
+                // destination to use): resolve endpoint names, or the host itself.
+                let targets: Vec<DnsTarget> = if svc.endpoints.is_empty() {
+                    if svc.host.starts_with('*') {
+                        Vec::new()
+                    } else {
+                        vec![DnsTarget { name: svc.host.clone(), port: u16::try_from(svc_port.target_port.unwrap_or(svc_port.number)).unwrap_or(port), weight: 1, labels: BTreeMap::new() }]
+                    }
+                } else {
+                    svc.endpoints
+                        .iter()
+                        .map(|ep| DnsTarget { name: ep.address.clone(), port: target_port(ep), weight: ep.weight.unwrap_or(1), labels: ep.labels.clone() })
+                        .collect()
+                };
+                (Discovery::Dns { targets, refresh: dns::DEFAULT_REFRESH }, Vec::new())
+            }
+        };
+        let policy_json = json!({
+            "loadBalancer": format!("{:?}", lb),
+            "connectTimeoutMs": settings.connect_timeout.as_millis() as u64,
+            "idleTimeoutMs": settings.idle_timeout.as_millis() as u64,
+            "subsetLabels": selector,
+            "destinationRule": dr.map(|d| format!("{}/{}", d.namespace, d.name)),
+        });
+        let cluster = self.registry.build(ClusterSpec { key: key.clone(), lb, settings, discovery, selector, endpoints, policy_json });
+        self.clusters.insert(key, cluster.clone());
+        Ok(cluster)
+    }
+
+    // === listeners ===
+
+    fn build_listeners(&mut self, resources: &[Resource]) -> Vec<Listener> {
+        let mut listeners: Vec<Listener> = Vec::new();
+        self.build_gateways(resources, &mut listeners);
+        self.build_sidecar(resources, &mut listeners);
+        listeners.sort_by_key(|l| l.addr);
+        listeners
+    }
+
+    fn build_gateways(&mut self, resources: &[Resource], out: &mut Vec<Listener>) {
+        // Servers grouped by listen address.
+        struct Server<'r> {
+            gateway: &'r Resource,
+            index: usize,
+            hosts: Vec<String>,
+        }
+        let mut by_addr: BTreeMap<SocketAddr, Vec<Server>> = BTreeMap::new();
+        for r in resources {
+            let Spec::Gateway(gw) = &r.spec else { continue };
+            let standalone = self.opts.workload_labels.is_empty();
+            if !standalone && !labels_match(&gw.selector, &self.opts.workload_labels) {
+                continue;
+            }
+            for (i, s) in gw.servers.iter().enumerate() {
+                let ip = match &s.bind {
+                    Some(b) => match b.parse::<IpAddr>() {
+                        Ok(ip) => ip,
+                        Err(_) => continue, // validation reported it
+                    },
+                    None => DEFAULT_PUBLIC_BIND,
+                };
+                let Ok(port) = u16::try_from(s.port.number) else { continue };
+                by_addr.entry(SocketAddr::new(ip, port)).or_default().push(Server { gateway: r, index: i, hosts: s.hosts.clone() });
+            }
+        }
+        for (addr, servers) in by_addr {
+            let mut table = RouteTable::new(Fallback::NotFound);
+            let mut names = Vec::new();
+            for server in &servers {
+                let gw = server.gateway;
+                let gw_ref = format!("{}/{}", gw.namespace, gw.name);
+                if !names.contains(&gw_ref) {
+                    names.push(gw_ref.clone());
+                }
+                for vs_res in resources {
+                    let Spec::VirtualService(vs) = &vs_res.spec else { continue };
+                    let bound = vs.gateways.iter().any(|g| gateway_ref(g, &vs_res.namespace) == gw_ref);
+                    if !bound {
+                        continue;
+                    }
+                    let domains = gateway_domains(&vs.hosts, &server.hosts, &vs_res.namespace);
+                    if domains.is_empty() {
+                        continue;
+                    }
+                    let vh = self.virtual_host(vs_res, vs, addr.port(), Some(&gw_ref));
+                    let Some(vh) = vh else { continue };
+                    for d in domains {
+                        if !table.add_domain(&d, &vh) {
+                            let msg = format!("host {d} on gateway {gw_ref} port {} is already routed by another VirtualService; this one is ignored for it", addr.port());
+                            self.push(vs_res.warning("spec.hosts", msg));
+                        }
+                    }
+                }
+                let _ = server.index;
+            }
+            out.push(Listener { name: format!("gateway {} {addr}", names.join(",")), addr, kind: ListenerKind::Gateway, routes: table });
+        }
+    }
+
+    /// The Sidecar that applies to this proxy: one with a matching
+    /// `workloadSelector` in the proxy's namespace wins over the namespace-wide one.
+    fn select_sidecar<'r>(&mut self, resources: &'r [Resource]) -> Option<&'r Resource> {
+        let mut with_selector = Vec::new();
+        let mut namespace_wide = Vec::new();
+        for r in resources {
+            let Spec::Sidecar(sc) = &r.spec else { continue };
+            if r.namespace != self.opts.namespace {
+                continue;
+            }
+            match &sc.workload_selector {
+                Some(sel) if !sel.labels.is_empty() => {
+                    if labels_match(&sel.labels, &self.opts.workload_labels) {
+                        with_selector.push(r);
+                    }
+                }
+                _ => namespace_wide.push(r),
+            }
+        }
+        for extra in with_selector.iter().skip(1).chain(namespace_wide.iter().skip(1)) {
+            self.diags.push(extra.error("spec", "more than one Sidecar applies to this proxy; keep one per workload (and at most one without workloadSelector per namespace)"));
+        }
+        with_selector.first().or(namespace_wide.first()).copied()
+    }
+
+    fn build_sidecar(&mut self, resources: &[Resource], out: &mut Vec<Listener>) {
+        let Some(sc_res) = self.select_sidecar(resources) else { return };
+        let Spec::Sidecar(sc) = &sc_res.spec else { return };
+        let fallback = match sc.outbound_traffic_policy.as_ref().and_then(|p| p.mode.as_deref()) {
+            Some("REGISTRY_ONLY") => Fallback::BlackHole,
+            _ => Fallback::Passthrough,
+        };
+        let taken: Vec<SocketAddr> = out.iter().map(|l| l.addr).collect();
+        for (i, ing) in sc.ingress.iter().enumerate() {
+            let path = format!("spec.ingress[{i}]");
+            let Ok(port) = u16::try_from(ing.port.number) else { continue };
+            let ip = ing.bind.as_deref().and_then(|b| b.parse().ok()).unwrap_or(DEFAULT_PUBLIC_BIND);
+            let addr = SocketAddr::new(ip, port);
+            let Some(endpoint) = ing.default_endpoint.as_deref().and_then(parse_default_endpoint) else { continue };
+            if taken.contains(&addr) || out.iter().any(|l| l.addr == addr) {
+                self.push(sc_res.error(path, format!("address {addr} is already used by another listener")));
+                continue;
+            }
+            let protocol = ing.port.protocol.as_deref().unwrap_or("HTTP").to_ascii_uppercase();
+            let key = ClusterKey { direction: Direction::Inbound, port, subset: None, host: String::new() };
+            let mut settings = PoolSettings {
+                protocol: if protocol == "HTTP" { Protocol::Http1 } else { Protocol::Http2 },
+                ..PoolSettings::default()
+            };
+            apply_pool_policy(&mut settings, ing.connection_pool.as_ref().or(sc.inbound_connection_pool.as_ref()));
+            let cluster = self.registry.build(ClusterSpec {
+                key: key.clone(),
+                lb: LbPolicy::RoundRobin,
+                settings,
+                discovery: Discovery::Static,
+                selector: BTreeMap::new(),
+                endpoints: vec![EndpointSpec { addr: endpoint, weight: 1, labels: BTreeMap::new() }],
+                policy_json: json!({"defaultEndpoint": endpoint.to_string()}),
+            });
+            self.clusters.insert(key, cluster.clone());
+            let route = Route {
+                name: "default".into(),
+                matcher: RouteMatch::default(),
+                action: Action::Forward(Forward::new(vec![WeightedCluster::new(cluster, 100, HeaderOps::default(), HeaderOps::default())])),
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+                rewrite: None,
+                timeout: None,
+                fault: None,
+            };
+            let vh = Arc::new(VirtualHost { name: format!("inbound|{port}"), routes: vec![route] });
+            let mut table = RouteTable::new(Fallback::NotFound);
+            table.add_domain("*", &vh);
+            out.push(Listener {
+                name: format!("sidecar-ingress {}/{} {addr}", sc_res.namespace, sc_res.name),
+                addr,
+                kind: ListenerKind::SidecarIngress,
+                routes: table,
+            });
+        }
+        for (i, eg) in sc.egress.iter().enumerate() {
+            let path = format!("spec.egress[{i}]");
+            let Some(port) = eg.port.as_ref().and_then(|p| u16::try_from(p.number).ok()).filter(|p| *p != 0) else {
+                self.push(sc_res.warning(path, "an egress entry without `port` scopes captured traffic, which remora does not capture yet; it opens no listener"));
+                continue;
+            };
+            let ip = eg.bind.as_deref().and_then(|b| b.parse().ok()).unwrap_or(DEFAULT_EGRESS_BIND);
+            let addr = SocketAddr::new(ip, port);
+            if out.iter().any(|l| l.addr == addr) {
+                self.push(sc_res.error(path, format!("address {addr} is already used by another listener")));
+                continue;
+            }
+            let table = self.egress_table(resources, &eg.hosts, port, fallback, sc_res, &path);
+            out.push(Listener {
+                name: format!("sidecar-egress {}/{} {addr}", sc_res.namespace, sc_res.name),
+                addr,
+                kind: ListenerKind::SidecarEgress,
+                routes: table,
+            });
+        }
+    }
+
+    /// The outbound route table for one egress port: every visible service with
+    /// that port, routed by its mesh VirtualService or by Istio's default route.
+    fn egress_table(&mut self, resources: &[Resource], hosts: &[String], port: u16, fallback: Fallback, sc: &Resource, path: &str) -> RouteTable {
+        let mut table = RouteTable::new(fallback);
+        let visible = |host: &str, ns: &str| hosts.iter().any(|h| egress_host_visible(h, host, ns, &sc.namespace));
+        // Mesh VirtualServices by host; the first one for a host wins.
+        let mut vs_by_host: BTreeMap<String, &Resource> = BTreeMap::new();
+        for r in resources {
+            let Spec::VirtualService(vs) = &r.spec else { continue };
+            if !(vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh")) {
+                continue;
+            }
+            for h in &vs.hosts {
+                let host = expand_host(h, &r.namespace);
+                if let Some(prev) = vs_by_host.get(&host) {
+                    if prev.source != r.source {
+                        let msg = format!("host {host} is already routed by {}; Istio does not merge VirtualServices for sidecars, so this one is ignored for it", prev.display_name());
+                        self.diags.push(r.warning("spec.hosts", msg));
+                    }
+                    continue;
+                }
+                vs_by_host.insert(host, r);
+            }
+        }
+        let service_hosts: Vec<(String, String)> = self
+            .services
+            .values()
+            .filter(|s| s.ports.iter().any(|p| p.number == u32::from(port) && is_http_protocol(port_protocol(p))))
+            .map(|s| (s.host.clone(), s.namespace.clone()))
+            .collect();
+        let mut built: HashMap<String, Arc<VirtualHost>> = HashMap::new();
+        for (host, ns) in &service_hosts {
+            if !visible(host, ns) {
+                continue;
+            }
+            let vh = match vs_by_host.get(host) {
+                Some(vs_res) => {
+                    let Spec::VirtualService(vs) = &vs_res.spec else { continue };
+                    let key = vs_res.display_name();
+                    match built.get(&key) {
+                        Some(vh) => Some(vh.clone()),
+                        None => {
+                            let vh = self.virtual_host(vs_res, vs, port, None);
+                            if let Some(vh) = &vh {
+                                built.insert(key, vh.clone());
+                            }
+                            vh
+                        }
+                    }
+                }
+                None => None,
+            };
+            let vh = match vh {
+                Some(vh) => vh,
+                None => match self.default_virtual_host(host, port) {
+                    Ok(vh) => vh,
+                    Err(e) => {
+                        self.diags.push(sc.error(path.to_string(), e));
+                        continue;
+                    }
+                },
+            };
+            for alias in host_aliases(host, &self.opts.namespace) {
+                table.add_domain(&alias, &vh);
+            }
+        }
+        // VirtualService hosts that are not services (external names routed to
+        // services) are served on every egress port.
+        for (host, vs_res) in &vs_by_host {
+            if self.services.contains_key(host) || !visible(host, &vs_res.namespace) {
+                continue;
+            }
+            let Spec::VirtualService(vs) = &vs_res.spec else { continue };
+            let key = vs_res.display_name();
+            let vh = match built.get(&key) {
+                Some(vh) => Some(vh.clone()),
+                None => self.virtual_host(vs_res, vs, port, None),
+            };
+            if let Some(vh) = vh {
+                built.insert(key, vh.clone());
+                for alias in host_aliases(host, &self.opts.namespace) {
+                    table.add_domain(&alias, &vh);
+                }
+            }
+        }
+        table
+    }
+
+    /// Istio's route for a host with no VirtualService: everything to the service.
+    fn default_virtual_host(&mut self, host: &str, port: u16) -> Result<Arc<VirtualHost>, String> {
+        let cluster = self.cluster(host, None, port)?;
+        let route = Route {
+            name: "default".into(),
+            matcher: RouteMatch::default(),
+            action: Action::Forward(Forward::new(vec![WeightedCluster::new(cluster, 100, HeaderOps::default(), HeaderOps::default())])),
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+            rewrite: None,
+            timeout: None,
+            fault: None,
+        };
+        Ok(Arc::new(VirtualHost { name: host.to_string(), routes: vec![route] }))
+    }
+
+    /// Compiles a VirtualService's HTTP routes for one listener port. `gateway`
+    /// is the gateway it is being bound to, or `None` for sidecars (`mesh`).
+    /// Returns `None` when no route applies to this proxy and port.
+    fn virtual_host(&mut self, r: &Resource, vs: &model::VirtualService, port: u16, gateway: Option<&str>) -> Option<Arc<VirtualHost>> {
+        let mut routes = Vec::new();
+        let mut catch_all_at: Option<usize> = None;
+        for (i, http) in vs.http.iter().enumerate() {
+            let path = format!("spec.http[{i}]");
+            if let Some(at) = catch_all_at {
+                self.diags.push(r.warning(path, format!("unreachable: spec.http[{at}] before it matches every request")));
+                continue;
+            }
+            let blocks: Vec<(usize, Option<&model::HttpMatchRequest>)> = if http.matches.is_empty() {
+                vec![(0, None)]
+            } else {
+                http.matches.iter().enumerate().map(|(j, m)| (j, Some(m))).collect()
+            };
+            let mut compiled_any = false;
+            for (j, m) in blocks {
+                if let Some(m) = m {
+                    if !self.match_applies(m, &r.namespace, port, gateway) {
+                        continue;
+                    }
+                }
+                let mpath = format!("{path}.match[{j}]");
+                let matcher = match m {
+                    None => RouteMatch::default(),
+                    Some(m) => match compile_match(m) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            self.diags.push(r.error(mpath, e));
+                            continue;
+                        }
+                    },
+                };
+                let is_catch_all = matcher_is_catch_all(&matcher);
+                let name = route_name(http, m, &r.name);
+                match self.compile_route(r, http, &path, matcher, name, port) {
+                    Ok(route) => {
+                        routes.push(route);
+                        compiled_any = true;
+                    }
+                    Err(()) => continue,
+                }
+                if is_catch_all {
+                    catch_all_at = Some(i);
+                    break;
+                }
+            }
+            let _ = compiled_any;
+        }
+        if routes.is_empty() {
+            return None;
+        }
+        Some(Arc::new(VirtualHost { name: format!("{}/{}", r.namespace, r.name), routes }))
+    }
+
+    /// Istio drops match blocks at config-build time when their `port`,
+    /// `sourceLabels`, `sourceNamespace` or `gateways` exclude this proxy.
+    fn match_applies(&self, m: &model::HttpMatchRequest, _vs_ns: &str, port: u16, gateway: Option<&str>) -> bool {
+        if let Some(p) = m.port {
+            if p != u32::from(port) {
+                return false;
+            }
+        }
+        if !m.source_labels.is_empty() && !labels_match(&m.source_labels, &self.opts.workload_labels) {
+            return false;
+        }
+        if let Some(ns) = &m.source_namespace {
+            if *ns != self.opts.namespace {
+                return false;
+            }
+        }
+        if !m.gateways.is_empty() {
+            let here = gateway.unwrap_or("mesh");
+            if !m.gateways.iter().any(|g| if g == "mesh" { here == "mesh" } else { gateway_ref(g, _vs_ns) == here }) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn compile_route(&mut self, r: &Resource, http: &model::HttpRoute, path: &str, matcher: RouteMatch, name: String, port: u16) -> Result<Route, ()> {
+        let mut ok = true;
+        let action = if let Some(d) = &http.direct_response {
+            let body = match &d.body {
+                Some(model::HttpBody { string: Some(s), .. }) => Bytes::from(s.clone()),
+                Some(model::HttpBody { bytes: Some(b), .. }) => match decode_base64(b) {
+                    Some(v) => Bytes::from(v),
+                    None => Bytes::new(),
+                },
+                _ => Bytes::new(),
+            };
+            let status = StatusCode::from_u16(u16::try_from(d.status).unwrap_or(500)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Action::Direct(DirectResponse { status, body })
+        } else if let Some(rd) = &http.redirect {
+            let port_mode = match (rd.port, rd.derive_port.as_deref()) {
+                (Some(p), _) => RedirectPort::Fixed(u16::try_from(p).unwrap_or(80)),
+                (None, Some("FROM_PROTOCOL_DEFAULT")) => RedirectPort::ProtocolDefault,
+                (None, Some("FROM_REQUEST_PORT")) => RedirectPort::RequestPort,
+                _ => RedirectPort::Keep,
+            };
+            let code = rd.redirect_code.and_then(|c| u16::try_from(c).ok()).and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            Action::Redirect(Redirect {
+                uri: rd.uri.clone(),
+                prefix_rewrite: rd.prefix_rewrite.clone(),
+                authority: rd.authority.clone(),
+                scheme: rd.scheme.clone(),
+                port: port_mode,
+                code,
+            })
+        } else {
+            // Istio: one destination takes all traffic whatever its weight;
+            // with several, weight-0 destinations get nothing.
+            let several = http.route.len() > 1;
+            let mut dests = Vec::new();
+            for (k, d) in http.route.iter().enumerate() {
+                let dpath = format!("{path}.route[{k}]");
+                let weight = if several { d.weight.unwrap_or(0).max(0) as u32 } else { 100 };
+                if several && weight == 0 {
+                    continue;
+                }
+                let host = expand_host(&d.destination.host, &r.namespace);
+                let dport = match self.destination_port(&host, d.destination.port.as_ref().map(|p| p.number), port) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.diags.push(r.error(format!("{dpath}.destination"), e));
+                        ok = false;
+                        continue;
+                    }
+                };
+                let cluster = match self.cluster(&host, d.destination.subset.as_deref(), dport) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.diags.push(r.error(format!("{dpath}.destination"), e));
+                        ok = false;
+                        continue;
+                    }
+                };
+                let (req_ops, resp_ops) = match header_ops(d.headers.as_ref()) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        self.diags.push(r.error(format!("{dpath}.headers"), e));
+                        ok = false;
+                        continue;
+                    }
+                };
+                dests.push(WeightedCluster::new(cluster, weight, req_ops, resp_ops));
+            }
+            if dests.is_empty() {
+                if ok {
+                    self.diags.push(r.error(format!("{path}.route"), "no destination receives traffic"));
+                }
+                return Err(());
+            }
+            Action::Forward(Forward::new(dests))
+        };
+        let (request_headers, response_headers) = match header_ops(http.headers.as_ref()) {
+            Ok(x) => x,
+            Err(e) => {
+                self.diags.push(r.error(format!("{path}.headers"), e));
+                return Err(());
+            }
+        };
+        let rewrite = match &http.rewrite {
+            None => None,
+            Some(rw) => {
+                let uri = match (&rw.uri, &rw.uri_regex_rewrite) {
+                    (Some(u), _) => Some(UriRewrite::Prefix(u.clone())),
+                    (None, Some(rr)) => match regex::RegexBuilder::new(&rr.match_).size_limit(crate::route::matcher::REGEX_SIZE_LIMIT).build() {
+                        Ok(pattern) => Some(UriRewrite::Regex { pattern, replacement: re2_replacement(&rr.rewrite) }),
+                        Err(e) => {
+                            self.diags.push(r.error(format!("{path}.rewrite.uriRegexRewrite.match"), format!("invalid regex: {e}")));
+                            return Err(());
+                        }
+                    },
+                    (None, None) => None,
+                };
+                let authority = match rw.authority.as_deref().map(HeaderValue::from_str) {
+                    Some(Ok(v)) => Some(v),
+                    Some(Err(_)) => {
+                        self.diags.push(r.error(format!("{path}.rewrite.authority"), "not a valid authority"));
+                        return Err(());
+                    }
+                    None => None,
+                };
+                Some(Rewrite { uri, authority })
+            }
+        };
+        let fault = http.fault.as_ref().map(|f| Fault {
+            delay: f.delay.as_ref().and_then(|d| {
+                d.fixed_delay.map(|fd| FaultDelay { delay: fd.0, percent: percent_of(d.percentage, d.percent) })
+            }),
+            abort: f.abort.as_ref().and_then(|a| {
+                let percent = percent_of(a.percentage, a.percent);
+                let kind = match (&a.http_status, &a.grpc_status) {
+                    (Some(s), _) => AbortKind::Http(StatusCode::from_u16(u16::try_from(*s).ok()?).ok()?),
+                    (None, Some(g)) => AbortKind::Grpc(grpc_code(g)?),
+                    _ => return None,
+                };
+                Some(FaultAbort { kind, percent })
+            }),
+        });
+        let timeout = http.timeout.map(|t| t.0).filter(|t| !t.is_zero());
+        if !ok {
+            return Err(());
+        }
+        Ok(Route { name, matcher, action, request_headers, response_headers, rewrite, timeout, fault })
+    }
+
+    /// Which service port a destination means: the explicit one, else the only
+    /// port, else the listener's port if the service has it.
+    fn destination_port(&self, host: &str, explicit: Option<u32>, listener_port: u16) -> Result<u16, String> {
+        let svc = self.services.get(host).ok_or_else(|| format!("host {host} is not defined by any ServiceEntry"))?;
+        if let Some(p) = explicit {
+            return u16::try_from(p).map_err(|_| format!("port {p} is out of range"));
+        }
+        let http_ports: Vec<&model::ServicePort> = svc.ports.iter().filter(|p| is_http_protocol(port_protocol(p))).collect();
+        match http_ports.as_slice() {
+            [one] => u16::try_from(one.number).map_err(|_| "port out of range".to_string()),
+            [] => Err(format!("service {host} has no HTTP port")),
+            many => {
+                if many.iter().any(|p| p.number == u32::from(listener_port)) {
+                    Ok(listener_port)
+                } else {
+                    Err(format!("service {host} has several ports; set destination.port.number"))
+                }
+            }
+        }
+    }
+}
+
+/// The upper-case protocol of a service port; Istio infers it from the name
+/// prefix (`http-`, `grpc-`, `http2-`) when `protocol` is absent.
+fn port_protocol(p: &model::ServicePort) -> &'static str {
+    let proto = p.protocol.clone().unwrap_or_default().to_ascii_uppercase();
+    let from_name = p.name.split('-').next().unwrap_or("").to_ascii_uppercase();
+    let pick = if proto.is_empty() { from_name } else { proto };
+    match pick.as_str() {
+        "HTTP" => "HTTP",
+        "HTTP2" => "HTTP2",
+        "GRPC" => "GRPC",
+        "GRPC-WEB" => "GRPC-WEB",
+        "HTTPS" => "HTTPS",
+        "TLS" => "TLS",
+        "MONGO" => "MONGO",
+        _ => "TCP",
+    }
+}
+
+/// Istio's fault percentage: `percentage.value`, else the deprecated integer
+/// `percent`, else 0 (no fault).
+fn percent_of(percentage: Option<model::Percent>, deprecated: Option<i64>) -> f64 {
+    match (percentage, deprecated) {
+        (Some(p), _) => p.value,
+        (None, Some(n)) => n as f64,
+        (None, None) => 0.0,
+    }
+}
+
+/// Standard base64 (protobuf JSON's encoding of `bytes`); `None` if malformed.
+pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            b'=' => break,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// Envoy-style `\1` references → the regex crate's `${1}`.
+fn re2_replacement(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
+                let mut n = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    n.push(*d);
+                    chars.next();
+                }
+                out.push_str(&format!("${{{n}}}"));
+            }
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn route_name(http: &model::HttpRoute, m: Option<&model::HttpMatchRequest>, vs_name: &str) -> String {
+    let base = http.name.clone().unwrap_or_else(|| vs_name.to_string());
+    match m.and_then(|m| m.name.as_deref()) {
+        Some(n) => format!("{base}.{n}"),
+        None => base,
+    }
+}
+
+fn matcher_is_catch_all(m: &RouteMatch) -> bool {
+    let path_all = match &m.path {
+        PathMatch::Any => true,
+        PathMatch::Prefix { value, .. } => value.is_empty() || value == "/",
+        _ => false,
+    };
+    path_all && m.method.is_none() && m.authority.is_none() && m.scheme.is_none() && m.headers.is_empty() && m.query.is_empty()
+}
+
+fn string_matcher(m: &model::StringMatch) -> Result<StringMatcher, String> {
+    match (&m.exact, &m.prefix, &m.regex) {
+        (Some(e), None, None) => Ok(StringMatcher::Exact(e.clone())),
+        (None, Some(p), None) => Ok(StringMatcher::Prefix(p.clone())),
+        // Envoy treats `regex: "*"` as a presence match (Istio's translation).
+        (None, None, Some(r)) if r == "*" => Ok(StringMatcher::Present),
+        (None, None, Some(r)) => anchored_regex(r).map(StringMatcher::Regex).map_err(|e| format!("invalid regex: {e}")),
+        (None, None, None) => Ok(StringMatcher::Present),
+        _ => Err("set only one of exact, prefix and regex".into()),
+    }
+}
+
+fn compile_match(m: &model::HttpMatchRequest) -> Result<RouteMatch, String> {
+    let ignore_case = m.ignore_uri_case.unwrap_or(false);
+    let path = match &m.uri {
+        None => PathMatch::Any,
+        Some(u) => match (&u.exact, &u.prefix, &u.regex) {
+            (Some(e), None, None) => PathMatch::Exact { value: e.clone(), ignore_case },
+            (None, Some(p), None) => PathMatch::Prefix { value: p.clone(), ignore_case },
+            (None, None, Some(r)) => PathMatch::Regex(anchored_regex(r).map_err(|e| format!("uri: invalid regex: {e}"))?),
+            _ => return Err("uri: set exactly one of exact, prefix and regex".into()),
+        },
+    };
+    let opt = |x: &Option<model::StringMatch>| -> Result<Option<StringMatcher>, String> { x.as_ref().map(string_matcher).transpose() };
+    let method = opt(&m.method)?;
+    let authority = opt(&m.authority)?;
+    let scheme = opt(&m.scheme)?;
+    let mut headers = Vec::new();
+    for (invert, map) in [(false, &m.headers), (true, &m.without_headers)] {
+        for (k, v) in map {
+            // Istio ignores pseudo-header names here; they have their own fields.
+            if matches!(k.as_str(), "uri" | "scheme" | "method" | "authority") {
+                continue;
+            }
+            let name = HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).map_err(|_| format!("headers: invalid header name {k}"))?;
+            headers.push(HeaderCondition { name, matcher: string_matcher(v)?, invert });
+        }
+    }
+    let mut query = Vec::new();
+    for (k, v) in &m.query_params {
+        query.push(QueryCondition { name: k.clone(), matcher: string_matcher(v)? });
+    }
+    Ok(RouteMatch { path, method, authority, scheme, headers, query })
+}
+
+fn header_ops(h: Option<&model::Headers>) -> Result<(HeaderOps, HeaderOps), String> {
+    let Some(h) = h else { return Ok((HeaderOps::default(), HeaderOps::default())) };
+    Ok((ops(h.request.as_ref(), true)?, ops(h.response.as_ref(), false)?))
+}
+
+fn ops(o: Option<&model::HeaderOperations>, request: bool) -> Result<HeaderOps, String> {
+    let mut out = HeaderOps::default();
+    let Some(o) = o else { return Ok(out) };
+    let name = |k: &str| HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).map_err(|_| format!("invalid header name {k}"));
+    let value = |v: &str| HeaderValue::from_str(v).map_err(|_| format!("invalid header value {v:?}"));
+    for k in &o.remove {
+        if k.starts_with(':') || k.eq_ignore_ascii_case("host") {
+            continue;
+        }
+        out.remove.push(name(k)?);
+    }
+    for (set, map) in [(true, &o.set), (false, &o.add)] {
+        for (k, v) in map {
+            let lk = k.to_ascii_lowercase();
+            if request && (lk == ":authority" || lk == "host") {
+                out.authority = Some(value(v)?);
+                continue;
+            }
+            if lk.starts_with(':') {
+                continue;
+            }
+            let pair = (name(k)?, value(v)?);
+            if set { out.set.push(pair) } else { out.add.push(pair) }
+        }
+    }
+    Ok(out)
+}
+
+fn grpc_code(name: &str) -> Option<u32> {
+    const CODES: [&str; 17] = [
+        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+        "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+        "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+    ];
+    CODES.iter().position(|c| *c == name).map(|i| i as u32)
+}
+
+/// `gateways` entries are `name` (the VirtualService's namespace) or `ns/name`.
+fn gateway_ref(g: &str, vs_namespace: &str) -> String {
+    if g.contains('/') { g.to_string() } else { format!("{vs_namespace}/{g}") }
+}
+
+/// Domains a gateway-bound VirtualService serves: each VS host that falls
+/// within a server host; the narrower of the two where one is a wildcard.
+fn gateway_domains(vs_hosts: &[String], server_hosts: &[String], vs_ns: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for sh in server_hosts {
+        let (ns, pattern) = match sh.split_once('/') {
+            Some((ns, h)) => (Some(ns), h),
+            None => (None, sh.as_str()),
+        };
+        if let Some(ns) = ns {
+            if ns != "*" && ns != vs_ns && !(ns == "." && vs_ns.is_empty()) {
+                continue;
+            }
+        }
+        for vh in vs_hosts {
+            let vh = vh.to_ascii_lowercase();
+            let pattern = pattern.to_ascii_lowercase();
+            let d = if host_within(&vh, &pattern) {
+                Some(vh.clone())
+            } else if host_within(&pattern, &vh) {
+                Some(pattern.clone())
+            } else {
+                None
+            };
+            if let Some(d) = d {
+                if !out.contains(&d) {
+                    out.push(d);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether `host` (maybe a wildcard) lies within `pattern`.
+fn host_within(host: &str, pattern: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        return host.ends_with(suffix) && host.len() > suffix.len();
+    }
+    host == pattern
+}
+
+/// Sidecar egress `hosts` entry (`ns/dnsName`, `*/...`, `./...`, `~/...`).
+fn egress_host_visible(entry: &str, host: &str, host_ns: &str, sidecar_ns: &str) -> bool {
+    let (ns, pattern) = entry.split_once('/').unwrap_or(("*", entry));
+    let ns_ok = match ns {
+        "*" => true,
+        "." => host_ns == sidecar_ns,
+        "~" => false,
+        other => other == host_ns,
+    };
+    ns_ok && host_within(host, &pattern.to_ascii_lowercase())
+}
+
+/// Domains under which a service is reachable from this proxy, as Istio's
+/// sidecar route configuration lists them.
+fn host_aliases(host: &str, proxy_ns: &str) -> Vec<String> {
+    let mut out = vec![host.to_string()];
+    if let Some(prefix) = host.strip_suffix(&format!(".{DOMAIN_SUFFIX}")) {
+        // prefix = name.ns
+        out.push(format!("{prefix}.svc"));
+        out.push(prefix.to_string());
+        if let Some((name, ns)) = prefix.split_once('.') {
+            if ns == proxy_ns {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// `127.0.0.1:8080`, `[::1]:8080`, `0.0.0.0:8080` (the pod IP; loopback here).
+fn parse_default_endpoint(s: &str) -> Option<SocketAddr> {
+    let addr: SocketAddr = s.parse().ok()?;
+    Some(match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port()),
+        IpAddr::V6(v6) if v6.is_unspecified() => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), addr.port()),
+        _ => addr,
+    })
+}
+
+/// The policy blocks that apply to one cluster, after Istio's layering:
+/// port-level settings replace the top level; a subset's blocks replace the
+/// corresponding blocks; a subset's port-level entry replaces all four.
+#[derive(Debug, Default, Clone)]
+struct EffectivePolicy {
+    load_balancer: Option<model::LoadBalancerSettings>,
+    connection_pool: Option<model::ConnectionPoolSettings>,
+    outlier_detection: Option<model::OutlierDetection>,
+    tls: Option<model::ClientTlsSettings>,
+}
+
+fn layer(policy: Option<&model::TrafficPolicy>, port: u16) -> Option<EffectivePolicy> {
+    let p = policy?;
+    if let Some(pl) = p.port_level_settings.iter().find(|pl| pl.port.as_ref().map(|s| s.number) == Some(u32::from(port))) {
+        return Some(EffectivePolicy {
+            load_balancer: pl.load_balancer.clone(),
+            connection_pool: pl.connection_pool.clone(),
+            outlier_detection: pl.outlier_detection.clone(),
+            tls: pl.tls.clone(),
+        });
+    }
+    Some(EffectivePolicy {
+        load_balancer: p.load_balancer.clone(),
+        connection_pool: p.connection_pool.clone(),
+        outlier_detection: p.outlier_detection.clone(),
+        tls: p.tls.clone(),
+    })
+}
+
+fn effective_policy(top: Option<&model::TrafficPolicy>, subset: Option<&model::TrafficPolicy>, port: u16) -> EffectivePolicy {
+    let mut eff = layer(top, port).unwrap_or_default();
+    if let Some(sp) = subset {
+        let port_level = sp.port_level_settings.iter().any(|pl| pl.port.as_ref().map(|s| s.number) == Some(u32::from(port)));
+        if let Some(sub) = layer(Some(sp), port) {
+            if port_level {
+                return sub;
+            }
+            if sub.load_balancer.is_some() {
+                eff.load_balancer = sub.load_balancer;
+            }
+            if sub.connection_pool.is_some() {
+                eff.connection_pool = sub.connection_pool;
+            }
+            if sub.outlier_detection.is_some() {
+                eff.outlier_detection = sub.outlier_detection;
+            }
+            if sub.tls.is_some() {
+                eff.tls = sub.tls;
+            }
+        }
+    }
+    eff
+}
+
+fn lb_policy(lb: Option<&model::LoadBalancerSettings>) -> LbPolicy {
+    let Some(lb) = lb else { return LbPolicy::LeastRequest };
+    if let Some(ch) = &lb.consistent_hash {
+        let min_ring_size = ch
+            .ring_hash
+            .as_ref()
+            .and_then(|r| r.minimum_ring_size)
+            .or(ch.minimum_ring_size)
+            .unwrap_or(crate::upstream::lb::DEFAULT_MIN_RING_SIZE);
+        let source = if let Some(h) = &ch.http_header_name {
+            match HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()) {
+                Ok(n) => HashSource::Header(n),
+                Err(_) => return LbPolicy::LeastRequest,
+            }
+        } else if let Some(c) = &ch.http_cookie {
+            HashSource::Cookie { name: c.name.clone(), path: c.path.clone(), ttl: c.ttl.map(|d| d.0) }
+        } else if let Some(q) = &ch.http_query_parameter_name {
+            HashSource::QueryParameter(q.clone())
+        } else {
+            HashSource::SourceIp
+        };
+        return LbPolicy::ConsistentHash { source, min_ring_size };
+    }
+    match lb.simple.as_deref() {
+        Some("ROUND_ROBIN") => LbPolicy::RoundRobin,
+        Some("RANDOM") => LbPolicy::Random,
+        _ => LbPolicy::LeastRequest,
+    }
+}
+
+fn apply_pool_policy(settings: &mut PoolSettings, cp: Option<&model::ConnectionPoolSettings>) {
+    let Some(cp) = cp else { return };
+    if let Some(t) = cp.tcp.as_ref().and_then(|t| t.connect_timeout) {
+        if t.0 > Duration::ZERO {
+            settings.connect_timeout = t.0;
+        }
+    }
+    if let Some(h) = &cp.http {
+        if let Some(t) = h.idle_timeout {
+            if t.0 > Duration::ZERO {
+                settings.idle_timeout = t.0;
+            }
+        }
+        if h.h2_upgrade_policy.as_deref() == Some("UPGRADE") {
+            settings.protocol = Protocol::Http2;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_short_names() {
+        assert_eq!(expand_host("reviews", "default"), "reviews.default.svc.cluster.local");
+        assert_eq!(expand_host("httpbin.org", "x"), "httpbin.org");
+        assert_eq!(expand_host("*", "x"), "*");
+    }
+
+    #[test]
+    fn aliases_for_same_namespace() {
+        let a = host_aliases("reviews.default.svc.cluster.local", "default");
+        assert!(a.contains(&"reviews".to_string()));
+        assert!(a.contains(&"reviews.default".to_string()));
+        let b = host_aliases("reviews.other.svc.cluster.local", "default");
+        assert!(!b.contains(&"reviews".to_string()));
+    }
+
+    #[test]
+    fn gateway_host_intersection() {
+        let d = gateway_domains(&["*".into()], &["*".into()], "default");
+        assert_eq!(d, vec!["*"]);
+        let d = gateway_domains(&["*".into()], &["bookinfo.example.com".into()], "default");
+        assert_eq!(d, vec!["bookinfo.example.com"]);
+        let d = gateway_domains(&["a.example.com".into()], &["*.example.com".into()], "default");
+        assert_eq!(d, vec!["a.example.com"]);
+        let d = gateway_domains(&["a.other.com".into()], &["*.example.com".into()], "default");
+        assert!(d.is_empty());
+        let d = gateway_domains(&["a.example.com".into()], &["prod/*".into()], "default");
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn replacement_syntax() {
+        assert_eq!(re2_replacement(r"/v2/\1"), "/v2/${1}");
+        assert_eq!(re2_replacement("$x"), "$$x");
+    }
+}

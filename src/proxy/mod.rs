@@ -1,0 +1,9 @@
+//! The data path: listeners, the HTTP server, and the request pipeline.
+
+pub mod error;
+pub mod handler;
+pub mod server;
+
+pub use error::ProxyError;
+pub use handler::{ConnInfo, ProxyState};
+pub use server::ListenerManager;

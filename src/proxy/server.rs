@@ -1,0 +1,185 @@
+//! Listeners and the HTTP server on each accepted connection.
+//!
+//! Each listener is its own accept task. A reload binds listeners it adds
+//! before the new snapshot is published (a bind failure rejects the reload),
+//! and closes listeners it removes after: they stop accepting and their open
+//! connections are drained gracefully. Listeners the reload keeps are not
+//! touched, so their connections never notice the change.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::handler::{self, ConnInfo, ProxyState};
+
+/// Time allowed to read a request's headers (slowloris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// HTTP/1 read buffer bound, which caps the request head (Envoy allows 60 KiB
+/// of headers by default).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most headers accepted in one HTTP/1 request (Envoy's default is 100).
+pub const MAX_HEADERS: usize = 100;
+/// HTTP/2 header list bound, as Envoy's default (hyper's own is 16 KiB).
+pub const MAX_H2_HEADER_LIST: u32 = 64 * 1024;
+/// HTTP/2 streams one client may have open at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// HTTP/2 rapid-reset guard: streams a client may reset before being accepted.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// How long a removed listener's connections may take to finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The server settings shared by every connection.
+pub fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_H2_HEADER_LIST)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS);
+    b
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+}
+
+/// The set of bound listeners, reconciled with each snapshot.
+pub struct ListenerManager {
+    state: Arc<ProxyState>,
+    running: Mutex<HashMap<SocketAddr, Running>>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+}
+
+/// Listeners bound for a snapshot that is not yet published.
+pub struct Prepared {
+    new: Vec<(SocketAddr, TcpListener)>,
+    removed: Vec<SocketAddr>,
+}
+
+impl ListenerManager {
+    pub fn new(state: Arc<ProxyState>) -> Self {
+        ListenerManager { state, running: Mutex::new(HashMap::new()), builder: Arc::new(http_builder()) }
+    }
+
+    /// Addresses currently served.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<_> = self.running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Binds every listener in `wanted` that is not running yet. On any
+    /// failure nothing is kept and the errors are returned.
+    pub async fn prepare(&self, wanted: &[SocketAddr]) -> Result<Prepared, Vec<(SocketAddr, std::io::Error)>> {
+        let current: Vec<SocketAddr> = self.addresses();
+        let mut new = Vec::new();
+        let mut errors = Vec::new();
+        for addr in wanted {
+            if current.contains(addr) {
+                continue;
+            }
+            match bind(*addr) {
+                Ok(l) => new.push((*addr, l)),
+                Err(e) => errors.push((*addr, e)),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let removed = current.into_iter().filter(|a| !wanted.contains(a)).collect();
+        Ok(Prepared { new, removed })
+    }
+
+    /// Starts the listeners bound by `prepare` and stops the removed ones. Call
+    /// right after the snapshot that wants them has been published.
+    pub fn commit(&self, prepared: Prepared) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        for addr in prepared.removed {
+            if let Some(r) = running.remove(&addr) {
+                tracing::info!(%addr, "closing listener");
+                let _ = r.stop.send(true);
+            }
+        }
+        for (addr, listener) in prepared.new {
+            let (stop, stop_rx) = watch::channel(false);
+            tracing::info!(%addr, "listening");
+            tokio::spawn(accept_loop(listener, addr, self.state.clone(), self.builder.clone(), stop_rx));
+            running.insert(addr, Running { stop });
+        }
+    }
+
+    /// Stops every listener (shutdown).
+    pub fn stop_all(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, r) in running.drain() {
+            let _ = r.stop.send(true);
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of fds and the like: back off instead of spinning.
+                        tracing::warn!(%addr, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = ConnInfo { local: addr, peer };
+                let state = state.clone();
+                let svc = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handler::handle(state, conn, req).await) }
+                });
+                let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                let watched = graceful.watch(served);
+                tokio::spawn(async move {
+                    if let Err(e) = watched.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!(%addr, "listener drain timed out; remaining connections are closed");
+    }
+}

@@ -1,0 +1,200 @@
+//! The compiled, immutable routing world a request is served from.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::config::{Diagnostic, SourceFile};
+use crate::route::{Action, Fallback, RouteTable};
+use crate::upstream::Cluster;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// A `Gateway` server: a standalone reverse-proxy port.
+    Gateway,
+    /// A `Sidecar` egress listener with an explicit `port` (+ `bind`).
+    SidecarEgress,
+    /// A `Sidecar` ingress listener forwarding to the local app.
+    SidecarIngress,
+}
+
+impl ListenerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Gateway => "gateway",
+            ListenerKind::SidecarEgress => "sidecar-egress",
+            ListenerKind::SidecarIngress => "sidecar-ingress",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Listener {
+    /// e.g. `gateway default/bookinfo-gateway 0.0.0.0:8080`.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub kind: ListenerKind,
+    pub routes: RouteTable,
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Content hash of the sources; shown in `/config_dump` and logs.
+    pub version: String,
+    pub listeners: Vec<Arc<Listener>>,
+    by_addr: HashMap<SocketAddr, Arc<Listener>>,
+    /// Sorted by name.
+    pub clusters: Vec<Arc<Cluster>>,
+    pub files: Vec<SourceFile>,
+    pub warnings: Vec<Diagnostic>,
+    pub resource_count: usize,
+}
+
+impl Snapshot {
+    pub fn new(
+        version: String,
+        listeners: Vec<Listener>,
+        clusters: Vec<Arc<Cluster>>,
+        files: Vec<SourceFile>,
+        warnings: Vec<Diagnostic>,
+        resource_count: usize,
+    ) -> Self {
+        let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(Arc::new).collect();
+        let by_addr = listeners.iter().map(|l| (l.addr, l.clone())).collect();
+        Snapshot { version, listeners, by_addr, clusters, files, warnings, resource_count }
+    }
+
+    /// The listener configured on `addr` (the address a connection was accepted on).
+    pub fn listener(&self, addr: &SocketAddr) -> Option<&Arc<Listener>> {
+        self.by_addr.get(addr)
+    }
+
+    pub fn route_count(&self) -> usize {
+        self.listeners
+            .iter()
+            .flat_map(|l| l.routes.virtual_hosts())
+            .map(|(_, vh)| vh.routes.len())
+            .sum()
+    }
+
+    /// A short human summary, as `remora validate` prints it.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "config version {}: {} resources from {} files\n",
+            self.version,
+            self.resource_count,
+            self.files.len()
+        ));
+        out.push_str(&format!("listeners ({}):\n", self.listeners.len()));
+        for l in &self.listeners {
+            let vhs = l.routes.virtual_hosts();
+            let fallback = match l.routes.fallback {
+                Fallback::NotFound => "404",
+                Fallback::Passthrough => "ALLOW_ANY",
+                Fallback::BlackHole => "REGISTRY_ONLY",
+            };
+            out.push_str(&format!("  {} ({}; unknown hosts: {fallback})\n", l.name, l.kind.as_str()));
+            let mut seen = Vec::new();
+            for (domain, vh) in vhs {
+                if seen.iter().any(|p| Arc::ptr_eq(p, &vh)) {
+                    continue;
+                }
+                seen.push(vh.clone());
+                out.push_str(&format!("    host {domain} ({}): {} routes\n", vh.name, vh.routes.len()));
+                for r in &vh.routes {
+                    out.push_str(&format!("      {} -> {}\n", r.name, describe_action(&r.action)));
+                }
+            }
+        }
+        out.push_str(&format!("clusters ({}):\n", self.clusters.len()));
+        for c in &self.clusters {
+            let eps = c.endpoints();
+            out.push_str(&format!("  {} ({:?}, {} endpoints)\n", c.name, c.settings.protocol, eps.len()));
+        }
+        out
+    }
+
+    /// The compiled config as JSON for `/config_dump`.
+    pub fn dump(&self) -> serde_json::Value {
+        let listeners: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|l| {
+                let hosts: Vec<_> = l
+                    .routes
+                    .virtual_hosts()
+                    .into_iter()
+                    .map(|(domain, vh)| {
+                        let routes: Vec<_> = vh
+                            .routes
+                            .iter()
+                            .map(|r| {
+                                json!({
+                                    "name": r.name,
+                                    "match": format!("{:?}", r.matcher.path),
+                                    "action": describe_action(&r.action),
+                                    "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
+                                })
+                            })
+                            .collect();
+                        json!({"domain": domain, "virtual_host": vh.name, "routes": routes})
+                    })
+                    .collect();
+                json!({
+                    "name": l.name,
+                    "address": l.addr.to_string(),
+                    "kind": l.kind.as_str(),
+                    "virtual_hosts": hosts,
+                })
+            })
+            .collect();
+        let clusters: Vec<_> = self
+            .clusters
+            .iter()
+            .map(|c| {
+                let eps: Vec<_> = c
+                    .endpoints()
+                    .endpoints
+                    .iter()
+                    .map(|e| json!({"address": e.state.addr.to_string(), "weight": e.weight, "labels": *e.labels}))
+                    .collect();
+                json!({
+                    "name": c.name,
+                    "protocol": format!("{:?}", c.settings.protocol),
+                    "lb": format!("{:?}", c.lb),
+                    "policy": c.policy_json,
+                    "endpoints": eps,
+                })
+            })
+            .collect();
+        json!({
+            "version": self.version,
+            "files": self.files.iter().map(|f| json!({"path": f.path.display().to_string(), "hash": f.hash, "bytes": f.len})).collect::<Vec<_>>(),
+            "warnings": self.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+            "listeners": listeners,
+            "clusters": clusters,
+        })
+    }
+}
+
+fn describe_action(a: &Action) -> String {
+    match a {
+        Action::Forward(f) => f
+            .destinations
+            .iter()
+            .map(|d| {
+                if f.destinations.len() == 1 {
+                    d.cluster.name.clone()
+                } else {
+                    format!("{} (weight {})", d.cluster.name, d.weight)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        Action::Redirect(r) => format!("redirect {}", r.code.as_u16()),
+        Action::Direct(d) => format!("direct response {}", d.status.as_u16()),
+    }
+}
