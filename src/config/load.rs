@@ -265,7 +265,10 @@ impl<'a> Loader<'a> {
                 return self.file_error(
                     file,
                     Some(root.line),
-                    format!("{what} must be a mapping with apiVersion, kind, metadata and spec; found {}", describe(other)),
+                    format!(
+                        "{what} must be a mapping with apiVersion, kind, metadata and spec; found {}",
+                        describe(other)
+                    ),
                 );
             }
         };
@@ -299,18 +302,17 @@ impl<'a> Loader<'a> {
         };
 
         let mut ok = true;
-        let accepted = || {
-            kind.versions().iter().map(|v| format!("{}/{v}", kind.group())).collect::<Vec<_>>().join(", ")
-        };
+        let accepted =
+            || kind.versions().iter().map(|v| format!("{}/{v}", kind.group())).collect::<Vec<_>>().join(", ");
         match (header.api_version, api_version) {
             (None, _) => {
                 ok = false;
                 self.file_error(file, Some(root.line), format!("{kind} has no `apiVersion`; accepted: {}", accepted()));
             }
             (Some(n), v) => {
-                let valid = v.and_then(|v| v.split_once('/')).is_some_and(|(group, version)| {
-                    group == kind.group() && kind.versions().contains(&version)
-                });
+                let valid = v
+                    .and_then(|v| v.split_once('/'))
+                    .is_some_and(|(group, version)| group == kind.group() && kind.versions().contains(&version));
                 if !valid {
                     ok = false;
                     let shown = v.unwrap_or("(not a string)");
@@ -342,7 +344,9 @@ impl<'a> Loader<'a> {
                 line: Some(*line),
                 resource: Some(display.clone()),
                 path: field_path("", key),
-                message: format!("unknown top-level field `{key}`; expected apiVersion, kind, metadata, spec or status"),
+                message: format!(
+                    "unknown top-level field `{key}`; expected apiVersion, kind, metadata, spec or status"
+                ),
             });
         }
 
@@ -404,10 +408,18 @@ impl<'a> Loader<'a> {
             return self.file_error(file, Some(root.line), "a List inside a List is not supported");
         }
         for (key, line) in &header.unknown {
-            self.file_error(file, Some(*line), format!("unknown field `{key}` in a List; expected apiVersion, kind, metadata or items"));
+            self.file_error(
+                file,
+                Some(*line),
+                format!("unknown field `{key}` in a List; expected apiVersion, kind, metadata or items"),
+            );
         }
         if let Some(spec) = header.spec {
-            self.file_error(file, Some(spec.line), "unknown field `spec` in a List; expected apiVersion, kind, metadata or items");
+            self.file_error(
+                file,
+                Some(spec.line),
+                "unknown field `spec` in a List; expected apiVersion, kind, metadata or items",
+            );
         }
         let Some(items) = header.items else { return };
         match &items.target().value {
@@ -417,12 +429,23 @@ impl<'a> Loader<'a> {
                 }
             }
             Value::Scalar(Scalar { kind: ScalarKind::Null, .. }) => {}
-            other => self.file_error(file, Some(items.line), format!("List `items` must be a sequence; found {}", describe(other))),
+            other => self.file_error(
+                file,
+                Some(items.line),
+                format!("List `items` must be a sequence; found {}", describe(other)),
+            ),
         }
     }
 
     /// A document whose kind remora does not model.
-    fn foreign_document(&mut self, file: &Path, root: &Node, kind: &str, api_version: Option<&str>, header: &Header<'_>) {
+    fn foreign_document(
+        &mut self,
+        file: &Path,
+        root: &Node,
+        kind: &str,
+        api_version: Option<&str>,
+        header: &Header<'_>,
+    ) {
         let group = api_version.map(|v| v.rsplit_once('/').map_or("", |(g, _)| g));
         let kubernetes = match group {
             Some(g) => KUBERNETES_GROUPS.contains(&g),
@@ -490,7 +513,10 @@ impl<'a> Loader<'a> {
                     let (severity, message) = if first.spec == r.spec {
                         (
                             Severity::Warning,
-                            format!("{} is defined twice, identically: {places}; the second is ignored", r.display_name()),
+                            format!(
+                                "{} is defined twice, identically: {places}; the second is ignored",
+                                r.display_name()
+                            ),
                         )
                     } else {
                         (Severity::Error, format!("{} is defined twice: {places}", r.display_name()))
@@ -768,7 +794,9 @@ impl TreeBuilder {
         if self.expanded > MAX_EXPANDED_NODES {
             return Err((
                 line,
-                format!("document expands to more than {MAX_EXPANDED_NODES} YAML nodes (through aliases?); it is not loaded"),
+                format!(
+                    "document expands to more than {MAX_EXPANDED_NODES} YAML nodes (through aliases?); it is not loaded"
+                ),
             ));
         }
         Ok(())
@@ -801,7 +829,8 @@ impl TreeBuilder {
                         self.problem(line, format!("YAML tag `{}` is not supported here", tag.original()));
                     }
                 }
-                let kind = if is_seq { FrameKind::Seq(Vec::new()) } else { FrameKind::Map { entries: Vec::new(), key: None } };
+                let kind =
+                    if is_seq { FrameKind::Seq(Vec::new()) } else { FrameKind::Map { entries: Vec::new(), key: None } };
                 self.stack.push(Frame { line, anchor, size: 1, kind });
             }
             Event::SequenceEnd | Event::MappingEnd => {
@@ -1395,9 +1424,7 @@ impl<'de> MapAccess<'de> for MapAcc<'de> {
         let Some(entry) = self.entries.next() else { return Ok(None) };
         self.current = Some(entry);
         let key = &entry.0;
-        seed.deserialize(NodeDe(key))
-            .map(Some)
-            .map_err(|e| e.at(key.line).within(Segment::Key(key.text().to_string())))
+        seed.deserialize(NodeDe(key)).map(Some).map_err(|e| e.at(key.line).within(Segment::Key(key.text().to_string())))
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
@@ -1598,12 +1625,17 @@ spec:
   - number: \"80\"
 ";
         let errs = errors(&load(text));
-        assert_eq!(errs, vec!["test.yaml:5: ServiceEntry default/se: spec.hosts: expected a list, found the string \"example.com\""]);
+        assert_eq!(
+            errs,
+            vec!["test.yaml:5: ServiceEntry default/se: spec.hosts: expected a list, found the string \"example.com\""]
+        );
         let text = text.replace("  hosts: example.com\n", "  hosts: [example.com]\n");
         let errs = errors(&load(&text));
         assert_eq!(
             errs,
-            vec!["test.yaml:7: ServiceEntry default/se: spec.ports[0].number: expected a non-negative integer (u32), found the string \"80\""]
+            vec![
+                "test.yaml:7: ServiceEntry default/se: spec.ports[0].number: expected a non-negative integer (u32), found the string \"80\""
+            ]
         );
         let text = text.replace("\"80\"", "-80");
         let errs = errors(&load(&text));
@@ -1618,13 +1650,31 @@ spec:
     fn header_problems() {
         let cases = [
             ("kind: VirtualService\nmetadata: {name: a}\n", "has no `apiVersion`"),
-            ("apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata: {name: a}\n", "apiVersion networking.istio.io/v2 is not accepted for VirtualService; accepted: networking.istio.io/v1, networking.istio.io/v1beta1, networking.istio.io/v1alpha3"),
-            ("apiVersion: security.istio.io/v1alpha3\nkind: PeerAuthentication\nmetadata: {name: a}\n", "accepted: security.istio.io/v1, security.istio.io/v1beta1"),
-            ("apiVersion: networking.istio.io/v1\nkind: EnvoyFilter\nmetadata: {name: a}\n", "kind EnvoyFilter is not supported by remora; supported kinds: ServiceEntry, DestinationRule"),
+            (
+                "apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata: {name: a}\n",
+                "apiVersion networking.istio.io/v2 is not accepted for VirtualService; accepted: networking.istio.io/v1, networking.istio.io/v1beta1, networking.istio.io/v1alpha3",
+            ),
+            (
+                "apiVersion: security.istio.io/v1alpha3\nkind: PeerAuthentication\nmetadata: {name: a}\n",
+                "accepted: security.istio.io/v1, security.istio.io/v1beta1",
+            ),
+            (
+                "apiVersion: networking.istio.io/v1\nkind: EnvoyFilter\nmetadata: {name: a}\n",
+                "kind EnvoyFilter is not supported by remora; supported kinds: ServiceEntry, DestinationRule",
+            ),
             ("apiVersion: networking.istio.io/v1\nmetadata: {name: a}\n", "document has no `kind`"),
-            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {namespace: x}\n", "metadata.name is required"),
-            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspek: {}\n", "unknown top-level field `spek`"),
-            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, labelz: {}}\n", "unknown field `labelz`"),
+            (
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {namespace: x}\n",
+                "metadata.name is required",
+            ),
+            (
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspek: {}\n",
+                "unknown top-level field `spek`",
+            ),
+            (
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, labelz: {}}\n",
+                "unknown field `labelz`",
+            ),
             ("- a\n- b\n", "must be a mapping"),
             ("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: a}\n", "Gateway API"),
             ("a: 1\na: 2\n", "duplicate key `a` (first at line 1)"),
@@ -1675,7 +1725,9 @@ spec:
         assert_eq!(set.resources.len(), 1);
         assert_eq!(
             set.diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            vec!["warning: test.yaml:6: DestinationRule default/details is defined twice, identically: test.yaml:1 and test.yaml:6; the second is ignored"]
+            vec![
+                "warning: test.yaml:6: DestinationRule default/details is defined twice, identically: test.yaml:1 and test.yaml:6; the second is ignored"
+            ]
         );
         let set = load(&format!("{dr}---\n{other}"));
         assert_eq!(set.resources.len(), 1);
@@ -1729,7 +1781,10 @@ spec:
         let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..12 {
             let prev = i - 1;
-            let _ = writeln!(text, "a{i}: &a{i} [*a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}]");
+            let _ = writeln!(
+                text,
+                "a{i}: &a{i} [*a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}]"
+            );
         }
         let set = load(&text);
         assert!(set.resources.is_empty());
@@ -1810,7 +1865,9 @@ spec:
     fn bookinfo_samples_load() {
         let dir = fixture_dir();
         let mut names: Vec<String> = fs::read_dir(&dir)
-            .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|entries| {
+                entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+            })
             .unwrap_or_default();
         names.retain(|n| n.ends_with(".yaml"));
         names.sort();
@@ -1822,16 +1879,27 @@ spec:
             assert!(set.resources.iter().all(|r| r.namespace == "default"), "{name}");
         }
         // Together where they don't define the same resource differently.
-        let together = ["bookinfo-gateway.yaml", "destination-rule-all.yaml", "fault-injection-details-v1.yaml"];
+        let together = ["bookinfo-gateway.yaml", "destination-rule-all.yaml", "virtual-service-all-v1.yaml"];
         let paths: Vec<PathBuf> = together.iter().map(|n| dir.join(n)).collect();
         let set = load_paths(&paths, "default");
-        assert!(errors(&set).is_empty(), "{:?}", set.diagnostics);
-        // destination-rule-all.yaml and fault-injection-details-v1.yaml both define
-        // DestinationRule details, identically.
-        assert_eq!(set.diagnostics.len(), 1, "{:?}", set.diagnostics);
-        assert!(set.diagnostics[0].message.starts_with("DestinationRule default/details is defined twice, identically"));
-        assert_eq!(set.resources.len(), 2 + 4 + 1);
+        assert!(set.diagnostics.is_empty(), "{:?}", set.diagnostics);
+        assert_eq!(set.resources.len(), 2 + 4 + 4);
         assert_eq!(set.files.len(), 3);
+        // destination-rule-all.yaml and fault-injection-details-v1.yaml both define
+        // DestinationRule details, with different subsets: that is a conflict.
+        let a = dir.join("destination-rule-all.yaml");
+        let b = dir.join("fault-injection-details-v1.yaml");
+        let set = load_paths(&[a.clone(), b.clone()], "default");
+        assert_eq!(
+            errors(&set),
+            vec![format!(
+                "{}:23: DestinationRule default/details is defined twice: {}:49 and {}:23",
+                b.display(),
+                a.display(),
+                b.display()
+            )]
+        );
+        assert_eq!(set.resources.len(), 4 + 1);
     }
 
     #[cfg(unix)]
