@@ -511,3 +511,53 @@ async fn fault_abort_and_delay() {
     // An abort without a percentage never fires (Istio: unset means 0%).
     assert_eq!(get(&c, &format!("http://127.0.0.1:{port}/never"), &[]).await.0, 200);
 }
+
+/// An upstream that closes every keep-alive connection 50 ms after answering,
+/// like an app server with a short keep-alive timeout. The proxy must never
+/// fail a request because it picked such a connection from its pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_closed_by_the_upstream_never_fail_a_request() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let upstream = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else { continue };
+                accepted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 8192];
+                    // Serve requests until 50 ms pass without one, then close.
+                    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+                        if n == 0 {
+                            return;
+                        }
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    }
+                });
+            }
+        });
+        addr
+    };
+    let port = free_port();
+    let yaml = format!(
+        "{}{}{}",
+        service_entry("svc", "svc.test", 80, "HTTP", &[(upstream, "v1")]),
+        gateway("gw", port),
+        gateway_vs("vs", "gw", "  - route:\n    - destination:\n        host: svc.test\n")
+    );
+    let _p = TestProxy::start(&yaml).await;
+    let c = client();
+    for i in 0..12 {
+        // Alternate between reusing a live connection and one the upstream
+        // has just closed.
+        let (status, body) = get(&c, &format!("http://127.0.0.1:{port}/"), &[]).await;
+        assert_eq!((status, body.as_str()), (200, "ok"), "request {i}");
+        let pause = if i % 2 == 0 { 5 } else { 80 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    assert!(accepted.load(Ordering::Relaxed) >= 6, "the upstream closed idle connections");
+}
