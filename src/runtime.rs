@@ -165,9 +165,11 @@ impl Proxy {
         ApplyOutcome::Rejected { errors }
     }
 
-    pub fn shutdown(&self) {
+    /// Stops accepting, reports not-ready, and waits for open connections to
+    /// finish (bounded by the listeners' drain timeout).
+    pub async fn shutdown(&self) {
         self.ready.store(false, Ordering::Release);
-        self.listeners.stop_all();
+        self.listeners.stop_all().await;
     }
 }
 

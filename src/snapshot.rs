@@ -162,7 +162,7 @@ impl Snapshot {
                     .map(|e| json!({"address": e.state.addr.to_string(), "weight": e.weight, "labels": *e.labels}))
                     .collect();
                 json!({
-                    "name": c.name,
+                    "name": &*c.name,
                     "protocol": format!("{:?}", c.settings.protocol),
                     "lb": format!("{:?}", c.lb),
                     "policy": c.policy_json,
@@ -187,7 +187,7 @@ fn describe_action(a: &Action) -> String {
             .iter()
             .map(|d| {
                 if f.destinations.len() == 1 {
-                    d.cluster.name.clone()
+                    d.cluster.name.to_string()
                 } else {
                     format!("{} (weight {})", d.cluster.name, d.weight)
                 }

@@ -64,7 +64,7 @@ async fn run(args: DemoArgs) -> i32 {
         Ok((proxy, admin)) => {
             print_tour(admin);
             wait_for_signal().await;
-            proxy.shutdown();
+            proxy.shutdown().await;
             0
         }
         Err(errors) => {

@@ -201,7 +201,7 @@ pub async fn run(args: RunArgs) -> i32 {
     };
     wait_for_signal().await;
     tracing::info!("shutting down");
-    proxy.shutdown();
+    proxy.shutdown().await;
     0
 }
 

@@ -259,7 +259,7 @@ pub fn main(args: SplitArgs) -> i32 {
             Ok((proxy, _)) => {
                 println!("remora split: listening on http://{}", args.listen);
                 wait_for_signal().await;
-                proxy.shutdown();
+                proxy.shutdown().await;
                 0
             }
             Err(errors) => {

@@ -15,7 +15,7 @@ use http::StatusCode;
 use serde_json::json;
 
 use super::model::{self, Spec};
-use super::validate::validate_resource;
+use super::validate::{decode_base64, grpc_status_code, percent_of, port_protocol, validate_resource};
 use super::{Diagnostic, LoadedSet, Resource};
 use crate::route::matcher::{anchored_regex, HeaderCondition, QueryCondition};
 use crate::route::{
@@ -753,7 +753,7 @@ impl Compiler<'_> {
                 let percent = percent_of(a.percentage, a.percent);
                 let kind = match (&a.http_status, &a.grpc_status) {
                     (Some(s), _) => AbortKind::Http(StatusCode::from_u16(u16::try_from(*s).ok()?).ok()?),
-                    (None, Some(g)) => AbortKind::Grpc(grpc_code(g)?),
+                    (None, Some(g)) => AbortKind::Grpc(grpc_status_code(g)?),
                     _ => return None,
                 };
                 Some(FaultAbort { kind, percent })
@@ -786,60 +786,6 @@ impl Compiler<'_> {
             }
         }
     }
-}
-
-/// The upper-case protocol of a service port; Istio infers it from the name
-/// prefix (`http-`, `grpc-`, `http2-`) when `protocol` is absent.
-fn port_protocol(p: &model::ServicePort) -> &'static str {
-    let proto = p.protocol.clone().unwrap_or_default().to_ascii_uppercase();
-    let from_name = p.name.split('-').next().unwrap_or("").to_ascii_uppercase();
-    let pick = if proto.is_empty() { from_name } else { proto };
-    match pick.as_str() {
-        "HTTP" => "HTTP",
-        "HTTP2" => "HTTP2",
-        "GRPC" => "GRPC",
-        "GRPC-WEB" => "GRPC-WEB",
-        "HTTPS" => "HTTPS",
-        "TLS" => "TLS",
-        "MONGO" => "MONGO",
-        _ => "TCP",
-    }
-}
-
-/// Istio's fault percentage: `percentage.value`, else the deprecated integer
-/// `percent`, else 0 (no fault).
-fn percent_of(percentage: Option<model::Percent>, deprecated: Option<i64>) -> f64 {
-    match (percentage, deprecated) {
-        (Some(p), _) => p.value,
-        (None, Some(n)) => n as f64,
-        (None, None) => 0.0,
-    }
-}
-
-/// Standard base64 (protobuf JSON's encoding of `bytes`); `None` if malformed.
-pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'=' => break,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
 }
 
 /// Envoy-style `\1` references → the regex crate's `${1}`.
@@ -956,15 +902,6 @@ fn ops(o: Option<&model::HeaderOperations>, request: bool) -> Result<HeaderOps, 
         }
     }
     Ok(out)
-}
-
-fn grpc_code(name: &str) -> Option<u32> {
-    const CODES: [&str; 17] = [
-        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-        "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-        "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
-    ];
-    CODES.iter().position(|c| *c == name).map(|i| i as u32)
 }
 
 /// `gateways` entries are `name` (the VirtualService's namespace) or `ns/name`.

@@ -1858,7 +1858,7 @@ spec:
     }
 
     fn fixture_dir() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/bookinfo")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/istio-samples/bookinfo")
     }
 
     #[test]

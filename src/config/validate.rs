@@ -994,7 +994,7 @@ impl Validator<'_> {
     }
 
     fn connection_pool(&mut self, path: &str, cp: &model::ConnectionPoolSettings) {
-        self.warn(path, "connectionPool is validated but not enforced yet");
+        self.warn(path, "connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)");
         if cp.tcp.is_none() && cp.http.is_none() {
             self.err(path, "a connectionPool must set `tcp` or `http`");
         }
@@ -1539,7 +1539,7 @@ mod tests {
 
     #[test]
     fn bookinfo_samples_validate() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/bookinfo");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/istio-samples/bookinfo");
         for name in [
             "bookinfo-gateway.yaml",
             "destination-rule-all.yaml",
@@ -1843,7 +1843,7 @@ mod tests {
             format!(
                 "{tp}.loadBalancer.warmupDurationSecs: `{tp}.loadBalancer.warmupDurationSecs` is parsed and ignored by remora"
             ),
-            format!("{tp}.connectionPool: connectionPool is validated but not enforced yet"),
+            format!("{tp}.connectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)"),
             format!("{tp}.outlierDetection: outlierDetection is validated but not enforced yet"),
             format!("{tp}.outlierDetection.consecutiveErrors: `consecutiveErrors` is deprecated and Istio ignores it"),
             "spec.exportTo: `spec.exportTo` is parsed and ignored by remora".to_string(),
@@ -1851,7 +1851,7 @@ mod tests {
             assert_error(&w, &want);
         }
         // One not-enforced warning per block.
-        assert_eq!(w.iter().filter(|x| x.contains("connectionPool is validated")).count(), 2, "{w:#?}");
+        assert_eq!(w.iter().filter(|x| x.contains("connectionPool limits are validated")).count(), 2, "{w:#?}");
         assert!(errors(&dr("  trafficPolicy:\n    tls: {mode: DISABLE}\n    loadBalancer: {consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 1024}}}\n    connectionPool: {tcp: {maxConnections: 100, idleTimeout: 0s}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 3m, maxEjectionPercent: 100, splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2}\n")).is_empty());
     }
 
@@ -1956,8 +1956,8 @@ mod tests {
         assert_eq!(e.len(), 11, "{e:#?}");
         let w = rendered(&d, Severity::Warning);
         assert_error(&w, "spec.ingress[1].captureMode: `spec.ingress[1].captureMode` is parsed and ignored by remora");
-        assert_error(&w, "spec.ingress[3].connectionPool: connectionPool is validated but not enforced yet");
-        assert_error(&w, "spec.inboundConnectionPool: connectionPool is validated but not enforced yet");
+        assert_error(&w, "spec.ingress[3].connectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)");
+        assert_error(&w, "spec.inboundConnectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)");
     }
 
     #[test]

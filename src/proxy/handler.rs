@@ -74,13 +74,14 @@ pub struct ConnInfo {
 struct Outcome {
     flags: &'static str,
     upstream: Option<SocketAddr>,
-    cluster: Option<String>,
+    cluster: Option<Arc<str>>,
 }
 
 pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incoming>) -> Response<Body> {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let path_for_log = req.uri().path().to_string();
+    // The access log is a debug-level event; its fields are only gathered when
+    // someone listens, so the common path allocates nothing for it.
+    let log = tracing::enabled!(target: "remora::access", tracing::Level::DEBUG)
+        .then(|| (Instant::now(), req.method().clone(), req.uri().path().to_string()));
     let grpc = is_grpc(req.headers());
     let snapshot = state.snapshot.load_full();
     let mut outcome = Outcome { flags: "-", upstream: None, cluster: None };
@@ -91,18 +92,20 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
         },
         None => ProxyError::ListenerGone.into_response(grpc),
     };
-    let flags = resp.extensions().get::<ResponseFlag>().map(|f| f.0).unwrap_or(outcome.flags);
-    tracing::debug!(
-        target: "remora::access",
-        method = %method,
-        path = %path_for_log,
-        status = resp.status().as_u16(),
-        flags,
-        cluster = outcome.cluster.as_deref().unwrap_or("-"),
-        upstream = ?outcome.upstream,
-        duration_ms = start.elapsed().as_millis() as u64,
-        "request"
-    );
+    if let Some((start, method, path)) = log {
+        let flags = resp.extensions().get::<ResponseFlag>().map(|f| f.0).unwrap_or(outcome.flags);
+        tracing::debug!(
+            target: "remora::access",
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            flags,
+            cluster = outcome.cluster.as_deref().unwrap_or("-"),
+            upstream = ?outcome.upstream,
+            duration_ms = start.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
     resp
 }
 
@@ -510,7 +513,7 @@ async fn passthrough(
     authority: &str,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, ProxyError> {
-    outcome.cluster = Some("PassthroughCluster".into());
+    outcome.cluster = Some(Arc::from("PassthroughCluster"));
     let host = crate::route::strip_port(authority).to_string();
     let port = authority
         .rsplit_once(':')

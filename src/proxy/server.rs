@@ -54,6 +54,7 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
 
 struct Running {
     stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The set of bound listeners, reconciled with each snapshot.
@@ -116,16 +117,29 @@ impl ListenerManager {
         for (addr, listener) in prepared.new {
             let (stop, stop_rx) = watch::channel(false);
             tracing::info!(%addr, "listening");
-            tokio::spawn(accept_loop(listener, addr, self.state.clone(), self.builder.clone(), stop_rx));
-            running.insert(addr, Running { stop });
+            let task = tokio::spawn(accept_loop(listener, addr, self.state.clone(), self.builder.clone(), stop_rx));
+            running.insert(addr, Running { stop, task });
         }
     }
 
-    /// Stops every listener (shutdown).
-    pub fn stop_all(&self) {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, r) in running.drain() {
-            let _ = r.stop.send(true);
+    /// Stops every listener: no new connections; open ones finish their
+    /// requests (HTTP/1.1 keep-alive ends, HTTP/2 gets GOAWAY). Resolves when
+    /// all have drained or [`DRAIN_TIMEOUT`] passed.
+    pub fn stop_all(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let drained: Vec<_> = {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            running
+                .drain()
+                .map(|(_, r)| {
+                    let _ = r.stop.send(true);
+                    r.task
+                })
+                .collect()
+        };
+        async move {
+            for t in drained {
+                let _ = t.await;
+            }
         }
     }
 }

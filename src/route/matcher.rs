@@ -55,8 +55,8 @@ pub fn anchored_regex(pattern: &str) -> Result<Regex, regex::Error> {
         .build()
 }
 
-/// Upper bound on a compiled route regex (bytes of the compiled program).
-pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Upper bound on a compiled route regex; validation enforces the same bound.
+pub use crate::config::validate::REGEX_SIZE_LIMIT;
 
 #[derive(Debug, Clone)]
 pub enum PathMatch {

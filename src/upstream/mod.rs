@@ -81,7 +81,7 @@ pub struct Endpoint {
 /// A cluster in one snapshot.
 pub struct Cluster {
     pub key: ClusterKey,
-    pub name: String,
+    pub name: Arc<str>,
     pub lb: LbPolicy,
     pub settings: PoolSettings,
     pub discovery: Discovery,
@@ -202,7 +202,7 @@ impl Registry {
             }
         };
         let cluster = Cluster {
-            name: spec.key.name(),
+            name: spec.key.name().into(),
             key: spec.key,
             lb: spec.lb,
             settings: spec.settings,
