@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::config::compile::{compile, start_discovery, CompileOptions};
+use crate::config::compile::{CompileOptions, compile, start_discovery};
 use crate::config::load::load_paths;
 use crate::config::{Diagnostic, LoadedSet};
 use crate::proxy::{ListenerManager, ProxyState};
@@ -115,10 +115,11 @@ impl Proxy {
         if self.is_ready() && current.version == version {
             return ApplyOutcome::Unchanged { version };
         }
-        if let Some(r) = self.last_rejection() {
-            if r.version == version && !version.is_empty() {
-                return ApplyOutcome::Rejected { errors: Vec::new() };
-            }
+        if let Some(r) = self.last_rejection()
+            && r.version == version
+            && !version.is_empty()
+        {
+            return ApplyOutcome::Rejected { errors: Vec::new() };
         }
         let snapshot = match compile(&set, &self.opts.compile, &self.registry) {
             Ok(s) => s,
@@ -130,7 +131,9 @@ impl Proxy {
             Err(errors) => {
                 let diags = errors
                     .into_iter()
-                    .map(|(addr, e)| Diagnostic::global(crate::config::Severity::Error, format!("cannot listen on {addr}: {e}")))
+                    .map(|(addr, e)| {
+                        Diagnostic::global(crate::config::Severity::Error, format!("cannot listen on {addr}: {e}"))
+                    })
                     .collect();
                 return self.reject(version, diags);
             }
@@ -161,7 +164,8 @@ impl Proxy {
         }
         self.reloads_rejected.fetch_add(1, Ordering::Relaxed);
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        st.last_rejection = Some(Rejection { version, at: SystemTime::now(), errors: errors.iter().map(|e| e.to_string()).collect() });
+        st.last_rejection =
+            Some(Rejection { version, at: SystemTime::now(), errors: errors.iter().map(|e| e.to_string()).collect() });
         ApplyOutcome::Rejected { errors }
     }
 

@@ -72,11 +72,7 @@ impl Snapshot {
     }
 
     pub fn route_count(&self) -> usize {
-        self.listeners
-            .iter()
-            .flat_map(|l| l.routes.virtual_hosts())
-            .map(|(_, vh)| vh.routes.len())
-            .sum()
+        self.listeners.iter().flat_map(|l| l.routes.virtual_hosts()).map(|(_, vh)| vh.routes.len()).sum()
     }
 
     /// A short human summary, as `remora validate` prints it.

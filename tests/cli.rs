@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use remora::config::compile::{compile, CompileOptions};
+use remora::config::compile::{CompileOptions, compile};
 use remora::config::load::{load_paths, load_str};
 use remora::upstream::Registry;
 use support::*;
@@ -55,7 +55,11 @@ fn validate_prints_a_summary_or_every_error() {
 #[test]
 fn run_exits_64_on_an_invalid_first_config_or_bad_flags() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("c.yaml"), "apiVersion: networking.istio.io/v1\nkind: Nonsense\nmetadata:\n  name: x\n").unwrap();
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: Nonsense\nmetadata:\n  name: x\n",
+    )
+    .unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
     let out = Command::new(BIN).args(["run", "--admin", &admin, "--config"]).arg(dir.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
@@ -79,7 +83,16 @@ async fn run_binary_becomes_ready() {
     std::fs::write(dir.path().join("c.yaml"), yaml).unwrap();
     let _child = ChildGuard(
         Command::new(BIN)
-            .args(["run", "--admin", &format!("127.0.0.1:{admin}"), "--concurrency", "1", "--log-format", "json", "--config"])
+            .args([
+                "run",
+                "--admin",
+                &format!("127.0.0.1:{admin}"),
+                "--concurrency",
+                "1",
+                "--log-format",
+                "json",
+                "--config",
+            ])
             .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -89,7 +102,9 @@ async fn run_binary_becomes_ready() {
     let c = client();
     wait_until(Duration::from_secs(10), "/ready", || {
         let c = c.clone();
-        async move { c.get(format!("http://127.0.0.1:{admin}/ready")).send().await.map(|r| r.status() == 200).unwrap_or(false) }
+        async move {
+            c.get(format!("http://127.0.0.1:{admin}/ready")).send().await.map(|r| r.status() == 200).unwrap_or(false)
+        }
     })
     .await;
     let (status, body) = get(&c, &format!("http://127.0.0.1:{port}/"), &[]).await;
@@ -140,10 +155,17 @@ async fn split_print_config_routes_like_split() {
     let c = client();
     wait_until(Duration::from_secs(10), "split ready", || {
         let c = c.clone();
-        async move { c.get(format!("http://127.0.0.1:{split_admin}/ready")).send().await.map(|r| r.status() == 200).unwrap_or(false) }
+        async move {
+            c.get(format!("http://127.0.0.1:{split_admin}/ready"))
+                .send()
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
+        }
     })
     .await;
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("/", vec![], "v1"),
         ("/", vec![("x-user", "beta")], "v2"),
         ("/", vec![("x-user", "Beta")], "v1"),
@@ -177,15 +199,17 @@ fn split_rejects_bad_flags() {
 #[test]
 fn demo_config_compiles() {
     let set = load_str(Path::new("config/demo.yaml"), remora::cli::demo::DEMO_YAML, "default");
-    let snap = compile(&set, &CompileOptions { namespace: "default".into(), ..Default::default() }, &Registry::new()).unwrap();
+    let snap =
+        compile(&set, &CompileOptions { namespace: "default".into(), ..Default::default() }, &Registry::new()).unwrap();
     assert_eq!(snap.listeners.len(), 1);
     assert_eq!(snap.listeners[0].addr.to_string(), remora::cli::demo::DEMO_PROXY);
     assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
     // Every example config in config/ compiles.
     for entry in std::fs::read_dir("config").unwrap() {
         let path = entry.unwrap().path();
-        let set = load_paths(&[path.clone()], "default");
-        let res = compile(&set, &CompileOptions { namespace: "default".into(), ..Default::default() }, &Registry::new());
+        let set = load_paths(std::slice::from_ref(&path), "default");
+        let res =
+            compile(&set, &CompileOptions { namespace: "default".into(), ..Default::default() }, &Registry::new());
         assert!(res.is_ok(), "{}: {:?}", path.display(), res.err());
     }
 }
@@ -195,7 +219,8 @@ fn demo_config_compiles() {
 fn bookinfo_services(port: u16, eps: &[(&str, &str, std::net::SocketAddr)]) -> String {
     let mut y = String::new();
     for svc in ["productpage", "reviews", "ratings", "details"] {
-        let list: Vec<(std::net::SocketAddr, &str)> = eps.iter().filter(|(s, _, _)| *s == svc).map(|(_, v, a)| (*a, *v)).collect();
+        let list: Vec<(std::net::SocketAddr, &str)> =
+            eps.iter().filter(|(s, _, _)| *s == svc).map(|(_, v, a)| (*a, *v)).collect();
         y.push_str(&service_entry(svc, svc, port, "HTTP", &list));
     }
     y
@@ -228,13 +253,22 @@ fn every_bookinfo_sample_is_accepted() {
     }
     // Loading both definitions of `details` at once is ambiguous: an error
     // that names both places, not a silent pick.
-    let set = load_paths(&[dir.path().join("services.yaml"), samples().join("fault-injection-details-v1.yaml"), dr.clone()], "default");
+    let set = load_paths(
+        &[dir.path().join("services.yaml"), samples().join("fault-injection-details-v1.yaml"), dr.clone()],
+        "default",
+    );
     let errs = compile(&set, &opts, &Registry::new()).unwrap_err();
     let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-    assert!(text.iter().any(|e| e.contains("defined twice") && e.contains("fault-injection-details-v1.yaml") && e.contains("destination-rule-all.yaml")), "{text:#?}");
+    assert!(
+        text.iter().any(|e| e.contains("defined twice")
+            && e.contains("fault-injection-details-v1.yaml")
+            && e.contains("destination-rule-all.yaml")),
+        "{text:#?}"
+    );
     // mTLS DestinationRules need workload certificates: a clear error, never
     // a silent plaintext fallback.
-    let set = load_paths(&[dir.path().join("services.yaml"), samples().join("destination-rule-all-mtls.yaml")], "default");
+    let set =
+        load_paths(&[dir.path().join("services.yaml"), samples().join("destination-rule-all-mtls.yaml")], "default");
     let errs = compile(&set, &opts, &Registry::new()).unwrap_err();
     assert!(errs.iter().any(|e| e.is_error() && e.to_string().contains("ISTIO_MUTUAL")), "{errs:#?}");
 }

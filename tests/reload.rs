@@ -4,9 +4,10 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use support::*;
 
@@ -92,7 +93,10 @@ async fn kubelet_configmap_symlink_swap_is_picked_up() {
     std::os::unix::fs::symlink("..data/config.yaml", d.join("config.yaml")).unwrap();
     let opts = remora::runtime::RunOptions {
         config_paths: vec![d.to_path_buf()],
-        compile: remora::config::compile::CompileOptions { namespace: "default".into(), workload_labels: Default::default() },
+        compile: remora::config::compile::CompileOptions {
+            namespace: "default".into(),
+            workload_labels: Default::default(),
+        },
     };
     let (proxy, _) = remora::cli::start_proxy(opts, None).await.unwrap();
     let _watch = remora::config::watch::spawn(proxy.clone()).unwrap();
@@ -164,12 +168,21 @@ async fn listeners_are_added_and_removed_alone() {
     let v1 = echo("v1").await;
     let (a, b) = (free_port(), free_port());
     let vs = |gw: &str, name: &str| gateway_vs(name, gw, "  - route:\n    - destination:\n        host: svc.test\n");
-    let base = format!("{}{}{}", service_entry("svc", "svc.test", 80, "HTTP", &[(v1, "v1")]), gateway("gw-a", a), vs("gw-a", "vs-a"));
+    let base = format!(
+        "{}{}{}",
+        service_entry("svc", "svc.test", 80, "HTTP", &[(v1, "v1")]),
+        gateway("gw-a", a),
+        vs("gw-a", "vs-a")
+    );
     let p = TestProxy::start(&base).await;
 
     // A raw keep-alive connection to listener A, used before and after reloads.
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", a)).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
     let send = |sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>| {
         let req = http::Request::get("/").header("host", "svc").body(http_body_util::Empty::new()).unwrap();
@@ -226,7 +239,13 @@ async fn in_flight_request_finishes_on_its_snapshot() {
             "{}{}{}",
             service_entry("slow", "slow.test", 80, "HTTP", &[(slow, "v1")]),
             gateway("gw", port),
-            gateway_vs("vs", "gw", &format!("  - match:\n    - uri:\n        prefix: {prefix}\n    route:\n    - destination:\n        host: slow.test\n"))
+            gateway_vs(
+                "vs",
+                "gw",
+                &format!(
+                    "  - match:\n    - uri:\n        prefix: {prefix}\n    route:\n    - destination:\n        host: slow.test\n"
+                )
+            )
         )
     };
     let p = TestProxy::start(&cfg("/slow")).await;

@@ -56,15 +56,36 @@ async fn match_kinds_order_and_no_route() {
     http.push_str(&format!("  - name: first\n    match:\n    - uri:\n        exact: /order\n{}", direct("first")));
     http.push_str(&format!("  - name: second\n    match:\n    - uri:\n        prefix: /order\n{}", direct("second")));
     http.push_str(&format!("  - name: exact\n    match:\n    - uri:\n        exact: /exact\n{}", direct("exact")));
-    http.push_str(&format!("  - name: icase\n    match:\n    - uri:\n        prefix: /Pre\n      ignoreUriCase: true\n{}", direct("prefix-icase")));
-    http.push_str(&format!("  - name: regex\n    match:\n    - uri:\n        regex: \"/re/[0-9]+\"\n{}", direct("regex")));
-    http.push_str(&format!("  - name: hexact\n    match:\n    - headers:\n        x-h:\n          exact: Val\n{}", direct("header-exact")));
-    http.push_str(&format!("  - name: hpresent\n    match:\n    - headers:\n        x-present: {{}}\n{}", direct("header-present")));
-    http.push_str(&format!("  - name: hregex\n    match:\n    - headers:\n        x-re:\n          regex: \"v[0-9]\"\n{}", direct("header-regex")));
+    http.push_str(&format!(
+        "  - name: icase\n    match:\n    - uri:\n        prefix: /Pre\n      ignoreUriCase: true\n{}",
+        direct("prefix-icase")
+    ));
+    http.push_str(&format!(
+        "  - name: regex\n    match:\n    - uri:\n        regex: \"/re/[0-9]+\"\n{}",
+        direct("regex")
+    ));
+    http.push_str(&format!(
+        "  - name: hexact\n    match:\n    - headers:\n        x-h:\n          exact: Val\n{}",
+        direct("header-exact")
+    ));
+    http.push_str(&format!(
+        "  - name: hpresent\n    match:\n    - headers:\n        x-present: {{}}\n{}",
+        direct("header-present")
+    ));
+    http.push_str(&format!(
+        "  - name: hregex\n    match:\n    - headers:\n        x-re:\n          regex: \"v[0-9]\"\n{}",
+        direct("header-regex")
+    ));
     http.push_str(&format!("  - name: without\n    match:\n    - uri:\n        prefix: /without\n      withoutHeaders:\n        x-no: {{}}\n{}", direct("without")));
-    http.push_str(&format!("  - name: query\n    match:\n    - queryParams:\n        q:\n          exact: \"1\"\n{}", direct("query")));
+    http.push_str(&format!(
+        "  - name: query\n    match:\n    - queryParams:\n        q:\n          exact: \"1\"\n{}",
+        direct("query")
+    ));
     http.push_str(&format!("  - name: method\n    match:\n    - method:\n        exact: POST\n{}", direct("method")));
-    http.push_str(&format!("  - name: authority\n    match:\n    - authority:\n        prefix: special.\n{}", direct("authority")));
+    http.push_str(&format!(
+        "  - name: authority\n    match:\n    - authority:\n        prefix: special.\n{}",
+        direct("authority")
+    ));
     http.push_str(&format!("  - name: orand\n    match:\n    - uri:\n        prefix: /a\n      headers:\n        x-and:\n          exact: \"1\"\n    - uri:\n        prefix: /b\n{}", direct("or-and")));
     let yaml = format!("{}{}", gateway("gw", port), gateway_vs("matches", "gw", &http));
     let _p = TestProxy::start(&yaml).await;
@@ -137,7 +158,12 @@ async fn single_destination_takes_all_whatever_its_weight() {
     let v1 = echo("v1").await;
     let port = free_port();
     let http = "  - route:\n    - destination:\n        host: svc.test\n      weight: 0\n";
-    let yaml = format!("{}{}{}", service_entry("svc", "svc.test", 80, "HTTP", &[(v1, "v1")]), gateway("gw", port), gateway_vs("one", "gw", http));
+    let yaml = format!(
+        "{}{}{}",
+        service_entry("svc", "svc.test", 80, "HTTP", &[(v1, "v1")]),
+        gateway("gw", port),
+        gateway_vs("one", "gw", http)
+    );
     let _p = TestProxy::start(&yaml).await;
     let counts = count_versions(&format!("http://127.0.0.1:{port}/"), 80, &[]).await;
     assert_eq!(counts.get("v1"), Some(&80));
@@ -158,7 +184,12 @@ async fn lb_setup(policy: &str, weights: &[u32]) -> (TestProxy, String) {
         se = se.replacen(&marker, &format!("      version: {}\n    weight: {w}\n", names[i]), 1);
     }
     let http = "  - route:\n    - destination:\n        host: svc.test\n";
-    let yaml = format!("{se}{}{}{}", destination_rule("svc", "svc.test", &[], Some(policy)), gateway("gw", port), gateway_vs("lb", "gw", http));
+    let yaml = format!(
+        "{se}{}{}{}",
+        destination_rule("svc", "svc.test", &[], Some(policy)),
+        gateway("gw", port),
+        gateway_vs("lb", "gw", http)
+    );
     (TestProxy::start(&yaml).await, format!("http://127.0.0.1:{port}/"))
 }
 
@@ -228,7 +259,8 @@ async fn consistent_hash_header_query_and_source_ip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_cookie_is_generated_and_sticky() {
-    let policy = "loadBalancer:\n  consistentHash:\n    httpCookie:\n      name: session\n      path: /\n      ttl: 3600s";
+    let policy =
+        "loadBalancer:\n  consistentHash:\n    httpCookie:\n      name: session\n      path: /\n      ttl: 3600s";
     let (_p, url) = lb_setup(policy, &[1, 1, 1]).await;
     let c = client();
     let resp = c.get(&url).send().await.unwrap();
@@ -319,7 +351,12 @@ async fn rewrite_redirect_direct_response_and_headers() {
           add:
             x-resp-dest: dest
 "#;
-    let yaml = format!("{}{}{}", service_entry("svc", "svc.test", 80, "HTTP", &[(v1, "v1")]), gateway("gw", port), gateway_vs("rw", "gw", http));
+    let yaml = format!(
+        "{}{}{}",
+        service_entry("svc", "svc.test", 80, "HTTP", &[(v1, "v1")]),
+        gateway("gw", port),
+        gateway_vs("rw", "gw", http)
+    );
     let _p = TestProxy::start(&yaml).await;
     let c = no_redirect_client();
     let base = format!("http://127.0.0.1:{port}");
@@ -346,7 +383,14 @@ async fn rewrite_redirect_direct_response_and_headers() {
     assert_eq!(resp.status(), 418);
     assert_eq!(resp.text().await.unwrap(), "short and stout");
 
-    let resp = c.get(format!("{base}/headers")).header("x-drop", "1").header("x-add", "client").header("x-set", "client").send().await.unwrap();
+    let resp = c
+        .get(format!("{base}/headers"))
+        .header("x-drop", "1")
+        .header("x-add", "client")
+        .header("x-set", "client")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.headers()["x-resp"], "route");
     assert_eq!(resp.headers()["x-resp-dest"], "dest");
     assert!(resp.headers().get("x-echo-version").is_none());
@@ -378,7 +422,12 @@ async fn request_id_kept_and_hop_by_hop_stripped() {
     let (_, body) = get(
         &c,
         &format!("http://127.0.0.1:{port}/"),
-        &[("x-request-id", "abc"), ("connection", "x-private"), ("x-private", "secret"), ("x-forwarded-for", "10.1.1.1")],
+        &[
+            ("x-request-id", "abc"),
+            ("connection", "x-private"),
+            ("x-private", "secret"),
+            ("x-forwarded-for", "10.1.1.1"),
+        ],
     )
     .await;
     let j = echo_json(&body);
@@ -487,11 +536,12 @@ async fn route_timeout_and_header_override() {
     );
     let _p = TestProxy::start(&yaml).await;
     let c = client();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let (status, body) = get(&c, &format!("http://127.0.0.1:{port}/"), &[]).await;
     assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
     assert!(started.elapsed() < Duration::from_millis(390), "timed out at the route timeout");
-    let (status, body) = get(&c, &format!("http://127.0.0.1:{port}/"), &[("x-envoy-upstream-rq-timeout-ms", "3000")]).await;
+    let (status, body) =
+        get(&c, &format!("http://127.0.0.1:{port}/"), &[("x-envoy-upstream-rq-timeout-ms", "3000")]).await;
     assert_eq!((status, body.as_str()), (200, "slow"));
 }
 
@@ -500,11 +550,16 @@ async fn fault_abort_and_delay() {
     let v1 = echo("v1").await;
     let port = free_port();
     let http = "  - match:\n    - uri:\n        prefix: /abort\n    fault:\n      abort:\n        httpStatus: 555\n        percentage:\n          value: 100\n    route:\n    - destination:\n        host: svc.test\n  - match:\n    - uri:\n        prefix: /delay\n    fault:\n      delay:\n        percent: 100\n        fixedDelay: 0.2s\n    route:\n    - destination:\n        host: svc.test\n  - match:\n    - uri:\n        prefix: /never\n    fault:\n      abort:\n        httpStatus: 500\n    route:\n    - destination:\n        host: svc.test\n";
-    let yaml = format!("{}{}{}", service_entry("svc", "svc.test", 80, "HTTP", &[(v1, "v1")]), gateway("gw", port), gateway_vs("vs", "gw", http));
+    let yaml = format!(
+        "{}{}{}",
+        service_entry("svc", "svc.test", 80, "HTTP", &[(v1, "v1")]),
+        gateway("gw", port),
+        gateway_vs("vs", "gw", http)
+    );
     let _p = TestProxy::start(&yaml).await;
     let c = client();
     assert_eq!(get(&c, &format!("http://127.0.0.1:{port}/abort"), &[]).await.0, 555);
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let (status, body) = get(&c, &format!("http://127.0.0.1:{port}/delay"), &[]).await;
     assert_eq!((status, version_of(&body).as_str()), (200, "v1"));
     assert!(started.elapsed() >= Duration::from_millis(200));

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -79,9 +79,9 @@ fn unix_secs(t: Option<std::time::SystemTime>) -> Option<u64> {
 /// The active config, its sources, the last rejection, and what it compiled to.
 pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
     let snap = proxy.snapshot();
-    let rejection = proxy.last_rejection().map(|r| {
-        json!({"version": r.version, "at_unix": unix_secs(Some(r.at)), "errors": r.errors})
-    });
+    let rejection = proxy
+        .last_rejection()
+        .map(|r| json!({"version": r.version, "at_unix": unix_secs(Some(r.at)), "errors": r.errors}));
     json!({
         "active": if proxy.is_ready() { snap.dump() } else { serde_json::Value::Null },
         "applied_at_unix": unix_secs(proxy.applied_at()),

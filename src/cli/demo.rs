@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{start_proxy, wait_for_signal, LogArgs};
+use super::{LogArgs, start_proxy, wait_for_signal};
 use crate::config::compile::CompileOptions;
 use crate::runtime::RunOptions;
 use crate::telemetry::init_logging;
@@ -80,10 +80,14 @@ async fn run(args: DemoArgs) -> i32 {
 
 fn print_tour(admin: Option<SocketAddr>) {
     println!();
-    println!("remora demo is running: proxy on http://{DEMO_PROXY}, echo backends v1 on {DEMO_V1} and v2 on {DEMO_V2}.");
+    println!(
+        "remora demo is running: proxy on http://{DEMO_PROXY}, echo backends v1 on {DEMO_V1} and v2 on {DEMO_V2}."
+    );
     println!();
     println!("  # 90/10 canary: about one request in ten answers \"version\": \"v2\"");
-    println!("  for i in $(seq 20); do curl -s http://{DEMO_PROXY}/hello | grep -o '\"version\":\"v[12]\"'; done | sort | uniq -c");
+    println!(
+        "  for i in $(seq 20); do curl -s http://{DEMO_PROXY}/hello | grep -o '\"version\":\"v[12]\"'; done | sort | uniq -c"
+    );
     println!();
     println!("  # A/B rule: beta users always get v2");
     println!("  curl -s -H 'x-user: beta' http://{DEMO_PROXY}/hello");

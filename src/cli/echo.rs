@@ -4,13 +4,13 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
 use crate::body::{self, Body};

@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::compile::{compile, CompileOptions};
+use crate::config::compile::{CompileOptions, compile};
 use crate::config::load::load_paths;
 use crate::runtime::{ApplyOutcome, Proxy, RunOptions};
-use crate::telemetry::{init_logging, LogFormat};
+use crate::telemetry::{LogFormat, init_logging};
 use crate::upstream::Registry;
 
 /// Exit code for invalid flags or an invalid first config (sysexits EX_USAGE).
@@ -207,7 +207,10 @@ pub async fn run(args: RunArgs) -> i32 {
 
 /// Runs a proxy in-process on a config (tests, `split`, `demo`). Returns the
 /// proxy once the first config is applied.
-pub async fn start_proxy(opts: RunOptions, admin: Option<SocketAddr>) -> Result<(Arc<Proxy>, Option<SocketAddr>), Vec<String>> {
+pub async fn start_proxy(
+    opts: RunOptions,
+    admin: Option<SocketAddr>,
+) -> Result<(Arc<Proxy>, Option<SocketAddr>), Vec<String>> {
     let proxy = Proxy::new(opts);
     let admin_addr = match admin {
         Some(a) => Some(crate::admin::serve(a, proxy.clone()).await.map_err(|e| vec![format!("admin {a}: {e}")])?),
@@ -222,7 +225,7 @@ pub async fn start_proxy(opts: RunOptions, admin: Option<SocketAddr>) -> Result<
 pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {

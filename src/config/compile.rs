@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
+use http::header::{HeaderName, HeaderValue};
 use serde_json::json;
 
 use super::model::{self, Spec};
 use super::validate::{decode_base64, grpc_status_code, percent_of, port_protocol, validate_resource};
 use super::{Diagnostic, LoadedSet, Resource};
-use crate::route::matcher::{anchored_regex, HeaderCondition, QueryCondition};
+use crate::route::matcher::{HeaderCondition, QueryCondition, anchored_regex};
 use crate::route::{
     AbortKind, Action, DirectResponse, Fallback, Fault, FaultAbort, FaultDelay, Forward, HeaderOps, PathMatch,
     Redirect, RedirectPort, Rewrite, Route, RouteMatch, RouteTable, StringMatcher, UriRewrite, VirtualHost,
@@ -25,8 +25,8 @@ use crate::route::{
 };
 use crate::snapshot::{Listener, ListenerKind, Snapshot};
 use crate::upstream::{
-    dns, ClusterKey, ClusterSpec, Direction, Discovery, DnsTarget, EndpointSpec, HashSource, LbPolicy, PoolSettings,
-    Protocol, Registry,
+    ClusterKey, ClusterSpec, Direction, Discovery, DnsTarget, EndpointSpec, HashSource, LbPolicy, PoolSettings,
+    Protocol, Registry, dns,
 };
 
 /// Kubernetes' cluster domain; short names expand to `name.ns.svc.cluster.local`.
@@ -59,7 +59,8 @@ pub fn compile(set: &LoadedSet, opts: &CompileOptions, registry: &Registry) -> R
     if diags.iter().any(Diagnostic::is_error) {
         return Err(diags);
     }
-    let mut c = Compiler { opts, registry, diags, services: BTreeMap::new(), drs: HashMap::new(), clusters: BTreeMap::new() };
+    let mut c =
+        Compiler { opts, registry, diags, services: BTreeMap::new(), drs: HashMap::new(), clusters: BTreeMap::new() };
     c.build_registry(&set.resources);
     c.build_destination_rules(&set.resources);
     let listeners = c.build_listeners(&set.resources);
@@ -138,7 +139,8 @@ impl Compiler<'_> {
             for (i, h) in se.hosts.iter().enumerate() {
                 let host = expand_host(h, &r.namespace);
                 if let Some(prev) = self.services.get(&host) {
-                    let msg = format!("host {host} is also defined by {}; remora needs one ServiceEntry per host", prev.from);
+                    let msg =
+                        format!("host {host} is also defined by {}; remora needs one ServiceEntry per host", prev.from);
                     self.push(r.error(format!("spec.hosts[{i}]"), msg));
                     continue;
                 }
@@ -162,7 +164,10 @@ impl Compiler<'_> {
             let Spec::DestinationRule(dr) = &r.spec else { continue };
             let host = expand_host(&dr.host, &r.namespace);
             if !self.services.contains_key(&host) {
-                self.push(r.warning("spec.host", format!("no ServiceEntry defines host {host}; this DestinationRule has no effect")));
+                self.push(r.warning(
+                    "spec.host",
+                    format!("no ServiceEntry defines host {host}; this DestinationRule has no effect"),
+                ));
             }
             match self.drs.get_mut(&host) {
                 None => {
@@ -181,13 +186,22 @@ impl Compiler<'_> {
                     // traffic policy wins, subsets are merged by name.
                     let first = format!("DestinationRule {}/{}", existing.namespace, existing.name);
                     if dr.traffic_policy.is_some() && existing.policy.is_some() {
-                        self.diags.push(r.warning("spec.trafficPolicy", format!("host {host} already has a traffic policy from {first}; this one is ignored")));
+                        self.diags.push(r.warning(
+                            "spec.trafficPolicy",
+                            format!("host {host} already has a traffic policy from {first}; this one is ignored"),
+                        ));
                     } else if existing.policy.is_none() {
                         existing.policy = dr.traffic_policy.clone();
                     }
                     for (i, s) in dr.subsets.iter().enumerate() {
                         if existing.subsets.iter().any(|e| e.name == s.name) {
-                            self.diags.push(r.warning(format!("spec.subsets[{i}]"), format!("subset {} of host {host} is already defined by {first}; this one is ignored", s.name)));
+                            self.diags.push(r.warning(
+                                format!("spec.subsets[{i}]"),
+                                format!(
+                                    "subset {} of host {host} is already defined by {first}; this one is ignored",
+                                    s.name
+                                ),
+                            ));
                         } else {
                             existing.subsets.push(s.clone());
                         }
@@ -198,8 +212,18 @@ impl Compiler<'_> {
     }
 
     /// The cluster for `host`/`subset`/`port`, built on first use.
-    fn cluster(&mut self, host: &str, subset: Option<&str>, port: u16) -> Result<Arc<crate::upstream::Cluster>, String> {
-        let key = ClusterKey { direction: Direction::Outbound, port, subset: subset.map(str::to_string), host: host.to_string() };
+    fn cluster(
+        &mut self,
+        host: &str,
+        subset: Option<&str>,
+        port: u16,
+    ) -> Result<Arc<crate::upstream::Cluster>, String> {
+        let key = ClusterKey {
+            direction: Direction::Outbound,
+            port,
+            subset: subset.map(str::to_string),
+            host: host.to_string(),
+        };
         if let Some(c) = self.clusters.get(&key) {
             return Ok(c.clone());
         }
@@ -220,13 +244,20 @@ impl Compiler<'_> {
                 Some(s) => Some(s),
                 None => {
                     return Err(match dr {
-                        Some(d) => format!("subset {name} is not defined by DestinationRule {}/{} for {host}", d.namespace, d.name),
+                        Some(d) => format!(
+                            "subset {name} is not defined by DestinationRule {}/{} for {host}",
+                            d.namespace, d.name
+                        ),
                         None => format!("subset {name} needs a DestinationRule for {host}, and there is none"),
                     });
                 }
             },
         };
-        let policy = effective_policy(dr.and_then(|d| d.policy.as_ref()), subset_def.and_then(|s| s.traffic_policy.as_ref()), port);
+        let policy = effective_policy(
+            dr.and_then(|d| d.policy.as_ref()),
+            subset_def.and_then(|s| s.traffic_policy.as_ref()),
+            port,
+        );
         let selector = subset_def.map(|s| s.labels.clone()).unwrap_or_default();
         let mut settings = PoolSettings {
             protocol: if protocol == "HTTP" { Protocol::Http1 } else { Protocol::Http2 },
@@ -245,7 +276,11 @@ impl Compiler<'_> {
                     .iter()
                     .filter_map(|ep| {
                         let ip: IpAddr = ep.address.parse().ok()?;
-                        Some(EndpointSpec { addr: SocketAddr::new(ip, target_port(ep)), weight: ep.weight.unwrap_or(1), labels: ep.labels.clone() })
+                        Some(EndpointSpec {
+                            addr: SocketAddr::new(ip, target_port(ep)),
+                            weight: ep.weight.unwrap_or(1),
+                            labels: ep.labels.clone(),
+                        })
                     })
                     .collect();
                 (Discovery::Static, eps)
@@ -257,12 +292,22 @@ impl Compiler<'_> {
                     if svc.host.starts_with('*') {
                         Vec::new()
                     } else {
-                        vec![DnsTarget { name: svc.host.clone(), port: u16::try_from(svc_port.target_port.unwrap_or(svc_port.number)).unwrap_or(port), weight: 1, labels: BTreeMap::new() }]
+                        vec![DnsTarget {
+                            name: svc.host.clone(),
+                            port: u16::try_from(svc_port.target_port.unwrap_or(svc_port.number)).unwrap_or(port),
+                            weight: 1,
+                            labels: BTreeMap::new(),
+                        }]
                     }
                 } else {
                     svc.endpoints
                         .iter()
-                        .map(|ep| DnsTarget { name: ep.address.clone(), port: target_port(ep), weight: ep.weight.unwrap_or(1), labels: ep.labels.clone() })
+                        .map(|ep| DnsTarget {
+                            name: ep.address.clone(),
+                            port: target_port(ep),
+                            weight: ep.weight.unwrap_or(1),
+                            labels: ep.labels.clone(),
+                        })
                         .collect()
                 };
                 (Discovery::Dns { targets, refresh: dns::DEFAULT_REFRESH }, Vec::new())
@@ -275,7 +320,15 @@ impl Compiler<'_> {
             "subsetLabels": selector,
             "destinationRule": dr.map(|d| format!("{}/{}", d.namespace, d.name)),
         });
-        let cluster = self.registry.build(ClusterSpec { key: key.clone(), lb, settings, discovery, selector, endpoints, policy_json });
+        let cluster = self.registry.build(ClusterSpec {
+            key: key.clone(),
+            lb,
+            settings,
+            discovery,
+            selector,
+            endpoints,
+            policy_json,
+        });
         self.clusters.insert(key, cluster.clone());
         Ok(cluster)
     }
@@ -313,7 +366,11 @@ impl Compiler<'_> {
                     None => DEFAULT_PUBLIC_BIND,
                 };
                 let Ok(port) = u16::try_from(s.port.number) else { continue };
-                by_addr.entry(SocketAddr::new(ip, port)).or_default().push(Server { gateway: r, index: i, hosts: s.hosts.clone() });
+                by_addr.entry(SocketAddr::new(ip, port)).or_default().push(Server {
+                    gateway: r,
+                    index: i,
+                    hosts: s.hosts.clone(),
+                });
             }
         }
         for (addr, servers) in by_addr {
@@ -339,14 +396,22 @@ impl Compiler<'_> {
                     let Some(vh) = vh else { continue };
                     for d in domains {
                         if !table.add_domain(&d, &vh) {
-                            let msg = format!("host {d} on gateway {gw_ref} port {} is already routed by another VirtualService; this one is ignored for it", addr.port());
+                            let msg = format!(
+                                "host {d} on gateway {gw_ref} port {} is already routed by another VirtualService; this one is ignored for it",
+                                addr.port()
+                            );
                             self.push(vs_res.warning("spec.hosts", msg));
                         }
                     }
                 }
                 let _ = server.index;
             }
-            out.push(Listener { name: format!("gateway {} {addr}", names.join(",")), addr, kind: ListenerKind::Gateway, routes: table });
+            out.push(Listener {
+                name: format!("gateway {} {addr}", names.join(",")),
+                addr,
+                kind: ListenerKind::Gateway,
+                routes: table,
+            });
         }
     }
 
@@ -413,7 +478,12 @@ impl Compiler<'_> {
             let route = Route {
                 name: "default".into(),
                 matcher: RouteMatch::default(),
-                action: Action::Forward(Forward::new(vec![WeightedCluster::new(cluster, 100, HeaderOps::default(), HeaderOps::default())])),
+                action: Action::Forward(Forward::new(vec![WeightedCluster::new(
+                    cluster,
+                    100,
+                    HeaderOps::default(),
+                    HeaderOps::default(),
+                )])),
                 request_headers: HeaderOps::default(),
                 response_headers: HeaderOps::default(),
                 rewrite: None,
@@ -454,7 +524,15 @@ impl Compiler<'_> {
 
     /// The outbound route table for one egress port: every visible service with
     /// that port, routed by its mesh VirtualService or by Istio's default route.
-    fn egress_table(&mut self, resources: &[Resource], hosts: &[String], port: u16, fallback: Fallback, sc: &Resource, path: &str) -> RouteTable {
+    fn egress_table(
+        &mut self,
+        resources: &[Resource],
+        hosts: &[String],
+        port: u16,
+        fallback: Fallback,
+        sc: &Resource,
+        path: &str,
+    ) -> RouteTable {
         let mut table = RouteTable::new(fallback);
         let visible = |host: &str, ns: &str| hosts.iter().any(|h| egress_host_visible(h, host, ns, &sc.namespace));
         // Mesh VirtualServices by host; the first one for a host wins.
@@ -468,7 +546,10 @@ impl Compiler<'_> {
                 let host = expand_host(h, &r.namespace);
                 if let Some(prev) = vs_by_host.get(&host) {
                     if prev.source != r.source {
-                        let msg = format!("host {host} is already routed by {}; Istio does not merge VirtualServices for sidecars, so this one is ignored for it", prev.display_name());
+                        let msg = format!(
+                            "host {host} is already routed by {}; Istio does not merge VirtualServices for sidecars, so this one is ignored for it",
+                            prev.display_name()
+                        );
                         self.diags.push(r.warning("spec.hosts", msg));
                     }
                     continue;
@@ -546,7 +627,12 @@ impl Compiler<'_> {
         let route = Route {
             name: "default".into(),
             matcher: RouteMatch::default(),
-            action: Action::Forward(Forward::new(vec![WeightedCluster::new(cluster, 100, HeaderOps::default(), HeaderOps::default())])),
+            action: Action::Forward(Forward::new(vec![WeightedCluster::new(
+                cluster,
+                100,
+                HeaderOps::default(),
+                HeaderOps::default(),
+            )])),
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
             rewrite: None,
@@ -559,13 +645,20 @@ impl Compiler<'_> {
     /// Compiles a VirtualService's HTTP routes for one listener port. `gateway`
     /// is the gateway it is being bound to, or `None` for sidecars (`mesh`).
     /// Returns `None` when no route applies to this proxy and port.
-    fn virtual_host(&mut self, r: &Resource, vs: &model::VirtualService, port: u16, gateway: Option<&str>) -> Option<Arc<VirtualHost>> {
+    fn virtual_host(
+        &mut self,
+        r: &Resource,
+        vs: &model::VirtualService,
+        port: u16,
+        gateway: Option<&str>,
+    ) -> Option<Arc<VirtualHost>> {
         let mut routes = Vec::new();
         let mut catch_all_at: Option<usize> = None;
         for (i, http) in vs.http.iter().enumerate() {
             let path = format!("spec.http[{i}]");
             if let Some(at) = catch_all_at {
-                self.diags.push(r.warning(path, format!("unreachable: spec.http[{at}] before it matches every request")));
+                self.diags
+                    .push(r.warning(path, format!("unreachable: spec.http[{at}] before it matches every request")));
                 continue;
             }
             let blocks: Vec<(usize, Option<&model::HttpMatchRequest>)> = if http.matches.is_empty() {
@@ -575,10 +668,10 @@ impl Compiler<'_> {
             };
             let mut compiled_any = false;
             for (j, m) in blocks {
-                if let Some(m) = m {
-                    if !self.match_applies(m, &r.namespace, port, gateway) {
-                        continue;
-                    }
+                if let Some(m) = m
+                    && !self.match_applies(m, &r.namespace, port, gateway)
+                {
+                    continue;
                 }
                 let mpath = format!("{path}.match[{j}]");
                 let matcher = match m {
@@ -616,18 +709,18 @@ impl Compiler<'_> {
     /// Istio drops match blocks at config-build time when their `port`,
     /// `sourceLabels`, `sourceNamespace` or `gateways` exclude this proxy.
     fn match_applies(&self, m: &model::HttpMatchRequest, _vs_ns: &str, port: u16, gateway: Option<&str>) -> bool {
-        if let Some(p) = m.port {
-            if p != u32::from(port) {
-                return false;
-            }
+        if let Some(p) = m.port
+            && p != u32::from(port)
+        {
+            return false;
         }
         if !m.source_labels.is_empty() && !labels_match(&m.source_labels, &self.opts.workload_labels) {
             return false;
         }
-        if let Some(ns) = &m.source_namespace {
-            if *ns != self.opts.namespace {
-                return false;
-            }
+        if let Some(ns) = &m.source_namespace
+            && *ns != self.opts.namespace
+        {
+            return false;
         }
         if !m.gateways.is_empty() {
             let here = gateway.unwrap_or("mesh");
@@ -638,7 +731,15 @@ impl Compiler<'_> {
         true
     }
 
-    fn compile_route(&mut self, r: &Resource, http: &model::HttpRoute, path: &str, matcher: RouteMatch, name: String, port: u16) -> Result<Route, ()> {
+    fn compile_route(
+        &mut self,
+        r: &Resource,
+        http: &model::HttpRoute,
+        path: &str,
+        matcher: RouteMatch,
+        name: String,
+        port: u16,
+    ) -> Result<Route, ()> {
         let mut ok = true;
         let action = if let Some(d) = &http.direct_response {
             let body = match &d.body {
@@ -649,7 +750,8 @@ impl Compiler<'_> {
                 },
                 _ => Bytes::new(),
             };
-            let status = StatusCode::from_u16(u16::try_from(d.status).unwrap_or(500)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let status = StatusCode::from_u16(u16::try_from(d.status).unwrap_or(500))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             Action::Direct(DirectResponse { status, body })
         } else if let Some(rd) = &http.redirect {
             let port_mode = match (rd.port, rd.derive_port.as_deref()) {
@@ -658,7 +760,11 @@ impl Compiler<'_> {
                 (None, Some("FROM_REQUEST_PORT")) => RedirectPort::RequestPort,
                 _ => RedirectPort::Keep,
             };
-            let code = rd.redirect_code.and_then(|c| u16::try_from(c).ok()).and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            let code = rd
+                .redirect_code
+                .and_then(|c| u16::try_from(c).ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::MOVED_PERMANENTLY);
             Action::Redirect(Redirect {
                 uri: rd.uri.clone(),
                 prefix_rewrite: rd.prefix_rewrite.clone(),
@@ -725,10 +831,15 @@ impl Compiler<'_> {
             Some(rw) => {
                 let uri = match (&rw.uri, &rw.uri_regex_rewrite) {
                     (Some(u), _) => Some(UriRewrite::Prefix(u.clone())),
-                    (None, Some(rr)) => match regex::RegexBuilder::new(&rr.match_).size_limit(crate::route::matcher::REGEX_SIZE_LIMIT).build() {
+                    (None, Some(rr)) => match regex::RegexBuilder::new(&rr.match_)
+                        .size_limit(crate::route::matcher::REGEX_SIZE_LIMIT)
+                        .build()
+                    {
                         Ok(pattern) => Some(UriRewrite::Regex { pattern, replacement: re2_replacement(&rr.rewrite) }),
                         Err(e) => {
-                            self.diags.push(r.error(format!("{path}.rewrite.uriRegexRewrite.match"), format!("invalid regex: {e}")));
+                            self.diags.push(
+                                r.error(format!("{path}.rewrite.uriRegexRewrite.match"), format!("invalid regex: {e}")),
+                            );
                             return Err(());
                         }
                     },
@@ -773,7 +884,8 @@ impl Compiler<'_> {
         if let Some(p) = explicit {
             return u16::try_from(p).map_err(|_| format!("port {p} is out of range"));
         }
-        let http_ports: Vec<&model::ServicePort> = svc.ports.iter().filter(|p| is_http_protocol(port_protocol(p))).collect();
+        let http_ports: Vec<&model::ServicePort> =
+            svc.ports.iter().filter(|p| is_http_protocol(port_protocol(p))).collect();
         match http_ports.as_slice() {
             [one] => u16::try_from(one.number).map_err(|_| "port out of range".to_string()),
             [] => Err(format!("service {host} has no HTTP port")),
@@ -823,7 +935,12 @@ fn matcher_is_catch_all(m: &RouteMatch) -> bool {
         PathMatch::Prefix { value, .. } => value.is_empty() || value == "/",
         _ => false,
     };
-    path_all && m.method.is_none() && m.authority.is_none() && m.scheme.is_none() && m.headers.is_empty() && m.query.is_empty()
+    path_all
+        && m.method.is_none()
+        && m.authority.is_none()
+        && m.scheme.is_none()
+        && m.headers.is_empty()
+        && m.query.is_empty()
 }
 
 fn string_matcher(m: &model::StringMatch) -> Result<StringMatcher, String> {
@@ -845,11 +962,15 @@ fn compile_match(m: &model::HttpMatchRequest) -> Result<RouteMatch, String> {
         Some(u) => match (&u.exact, &u.prefix, &u.regex) {
             (Some(e), None, None) => PathMatch::Exact { value: e.clone(), ignore_case },
             (None, Some(p), None) => PathMatch::Prefix { value: p.clone(), ignore_case },
-            (None, None, Some(r)) => PathMatch::Regex(anchored_regex(r).map_err(|e| format!("uri: invalid regex: {e}"))?),
+            (None, None, Some(r)) => {
+                PathMatch::Regex(anchored_regex(r).map_err(|e| format!("uri: invalid regex: {e}"))?)
+            }
             _ => return Err("uri: set exactly one of exact, prefix and regex".into()),
         },
     };
-    let opt = |x: &Option<model::StringMatch>| -> Result<Option<StringMatcher>, String> { x.as_ref().map(string_matcher).transpose() };
+    let opt = |x: &Option<model::StringMatch>| -> Result<Option<StringMatcher>, String> {
+        x.as_ref().map(string_matcher).transpose()
+    };
     let method = opt(&m.method)?;
     let authority = opt(&m.authority)?;
     let scheme = opt(&m.scheme)?;
@@ -860,7 +981,8 @@ fn compile_match(m: &model::HttpMatchRequest) -> Result<RouteMatch, String> {
             if matches!(k.as_str(), "uri" | "scheme" | "method" | "authority") {
                 continue;
             }
-            let name = HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).map_err(|_| format!("headers: invalid header name {k}"))?;
+            let name = HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
+                .map_err(|_| format!("headers: invalid header name {k}"))?;
             headers.push(HeaderCondition { name, matcher: string_matcher(v)?, invert });
         }
     }
@@ -879,7 +1001,9 @@ fn header_ops(h: Option<&model::Headers>) -> Result<(HeaderOps, HeaderOps), Stri
 fn ops(o: Option<&model::HeaderOperations>, request: bool) -> Result<HeaderOps, String> {
     let mut out = HeaderOps::default();
     let Some(o) = o else { return Ok(out) };
-    let name = |k: &str| HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).map_err(|_| format!("invalid header name {k}"));
+    let name = |k: &str| {
+        HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).map_err(|_| format!("invalid header name {k}"))
+    };
     let value = |v: &str| HeaderValue::from_str(v).map_err(|_| format!("invalid header value {v:?}"));
     for k in &o.remove {
         if k.starts_with(':') || k.eq_ignore_ascii_case("host") {
@@ -918,10 +1042,12 @@ fn gateway_domains(vs_hosts: &[String], server_hosts: &[String], vs_ns: &str) ->
             Some((ns, h)) => (Some(ns), h),
             None => (None, sh.as_str()),
         };
-        if let Some(ns) = ns {
-            if ns != "*" && ns != vs_ns && !(ns == "." && vs_ns.is_empty()) {
-                continue;
-            }
+        if let Some(ns) = ns
+            && ns != "*"
+            && ns != vs_ns
+            && !(ns == "." && vs_ns.is_empty())
+        {
+            continue;
         }
         for vh in vs_hosts {
             let vh = vh.to_ascii_lowercase();
@@ -933,10 +1059,10 @@ fn gateway_domains(vs_hosts: &[String], server_hosts: &[String], vs_ns: &str) ->
             } else {
                 None
             };
-            if let Some(d) = d {
-                if !out.contains(&d) {
-                    out.push(d);
-                }
+            if let Some(d) = d
+                && !out.contains(&d)
+            {
+                out.push(d);
             }
         }
     }
@@ -974,10 +1100,10 @@ fn host_aliases(host: &str, proxy_ns: &str) -> Vec<String> {
         // prefix = name.ns
         out.push(format!("{prefix}.svc"));
         out.push(prefix.to_string());
-        if let Some((name, ns)) = prefix.split_once('.') {
-            if ns == proxy_ns {
-                out.push(name.to_string());
-            }
+        if let Some((name, ns)) = prefix.split_once('.')
+            && ns == proxy_ns
+        {
+            out.push(name.to_string());
         }
     }
     out
@@ -988,7 +1114,9 @@ fn parse_default_endpoint(s: &str) -> Option<SocketAddr> {
     let addr: SocketAddr = s.parse().ok()?;
     Some(match addr.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port()),
-        IpAddr::V6(v6) if v6.is_unspecified() => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), addr.port()),
+        IpAddr::V6(v6) if v6.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), addr.port())
+        }
         _ => addr,
     })
 }
@@ -1006,7 +1134,9 @@ struct EffectivePolicy {
 
 fn layer(policy: Option<&model::TrafficPolicy>, port: u16) -> Option<EffectivePolicy> {
     let p = policy?;
-    if let Some(pl) = p.port_level_settings.iter().find(|pl| pl.port.as_ref().map(|s| s.number) == Some(u32::from(port))) {
+    if let Some(pl) =
+        p.port_level_settings.iter().find(|pl| pl.port.as_ref().map(|s| s.number) == Some(u32::from(port)))
+    {
         return Some(EffectivePolicy {
             load_balancer: pl.load_balancer.clone(),
             connection_pool: pl.connection_pool.clone(),
@@ -1022,10 +1152,15 @@ fn layer(policy: Option<&model::TrafficPolicy>, port: u16) -> Option<EffectivePo
     })
 }
 
-fn effective_policy(top: Option<&model::TrafficPolicy>, subset: Option<&model::TrafficPolicy>, port: u16) -> EffectivePolicy {
+fn effective_policy(
+    top: Option<&model::TrafficPolicy>,
+    subset: Option<&model::TrafficPolicy>,
+    port: u16,
+) -> EffectivePolicy {
     let mut eff = layer(top, port).unwrap_or_default();
     if let Some(sp) = subset {
-        let port_level = sp.port_level_settings.iter().any(|pl| pl.port.as_ref().map(|s| s.number) == Some(u32::from(port)));
+        let port_level =
+            sp.port_level_settings.iter().any(|pl| pl.port.as_ref().map(|s| s.number) == Some(u32::from(port)));
         if let Some(sub) = layer(Some(sp), port) {
             if port_level {
                 return sub;
@@ -1079,16 +1214,16 @@ fn lb_policy(lb: Option<&model::LoadBalancerSettings>) -> LbPolicy {
 
 fn apply_pool_policy(settings: &mut PoolSettings, cp: Option<&model::ConnectionPoolSettings>) {
     let Some(cp) = cp else { return };
-    if let Some(t) = cp.tcp.as_ref().and_then(|t| t.connect_timeout) {
-        if t.0 > Duration::ZERO {
-            settings.connect_timeout = t.0;
-        }
+    if let Some(t) = cp.tcp.as_ref().and_then(|t| t.connect_timeout)
+        && t.0 > Duration::ZERO
+    {
+        settings.connect_timeout = t.0;
     }
     if let Some(h) = &cp.http {
-        if let Some(t) = h.idle_timeout {
-            if t.0 > Duration::ZERO {
-                settings.idle_timeout = t.0;
-            }
+        if let Some(t) = h.idle_timeout
+            && t.0 > Duration::ZERO
+        {
+            settings.idle_timeout = t.0;
         }
         if h.h2_upgrade_policy.as_deref() == Some("UPGRADE") {
             settings.protocol = Protocol::Http2;

@@ -95,19 +95,13 @@ pub fn parse_duration(input: &str) -> Result<std::time::Duration, String> {
     let mut total_nanos: f64 = 0.0;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         if num_len == 0 {
             return Err(format!("invalid duration `{input}`: expected a number"));
         }
         let (num, after) = rest.split_at(num_len);
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration `{input}`: bad number `{num}`"))?;
-        let unit_len = after
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(after.len());
+        let value: f64 = num.parse().map_err(|_| format!("invalid duration `{input}`: bad number `{num}`"))?;
+        let unit_len = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
         let (unit, after) = after.split_at(unit_len);
         let scale = match unit {
             "ns" => 1.0,
@@ -117,9 +111,7 @@ pub fn parse_duration(input: &str) -> Result<std::time::Duration, String> {
             "m" => 60e9,
             "h" => 3600e9,
             "" => {
-                return Err(format!(
-                    "invalid duration `{input}`: missing unit (use e.g. `5s` or `100ms`)"
-                ));
+                return Err(format!("invalid duration `{input}`: missing unit (use e.g. `5s` or `100ms`)"));
             }
             other => return Err(format!("invalid duration `{input}`: unknown unit `{other}`")),
         };
@@ -816,6 +808,7 @@ pub struct AuthorizationPolicy {
 
 /// The typed spec of one resource.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // built once per config load, never on the request path
 pub enum Spec {
     ServiceEntry(ServiceEntry),
     DestinationRule(DestinationRule),

@@ -1843,7 +1843,9 @@ mod tests {
             format!(
                 "{tp}.loadBalancer.warmupDurationSecs: `{tp}.loadBalancer.warmupDurationSecs` is parsed and ignored by remora"
             ),
-            format!("{tp}.connectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)"),
+            format!(
+                "{tp}.connectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)"
+            ),
             format!("{tp}.outlierDetection: outlierDetection is validated but not enforced yet"),
             format!("{tp}.outlierDetection.consecutiveErrors: `consecutiveErrors` is deprecated and Istio ignores it"),
             "spec.exportTo: `spec.exportTo` is parsed and ignored by remora".to_string(),
@@ -1956,8 +1958,14 @@ mod tests {
         assert_eq!(e.len(), 11, "{e:#?}");
         let w = rendered(&d, Severity::Warning);
         assert_error(&w, "spec.ingress[1].captureMode: `spec.ingress[1].captureMode` is parsed and ignored by remora");
-        assert_error(&w, "spec.ingress[3].connectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)");
-        assert_error(&w, "spec.inboundConnectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)");
+        assert_error(
+            &w,
+            "spec.ingress[3].connectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)",
+        );
+        assert_error(
+            &w,
+            "spec.inboundConnectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)",
+        );
     }
 
     #[test]

@@ -20,7 +20,13 @@ pub struct WatchHandle {
 pub fn watch_dirs(paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = paths
         .iter()
-        .map(|p| if p.is_dir() { p.clone() } else { p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf() })
+        .map(|p| {
+            if p.is_dir() {
+                p.clone()
+            } else {
+                p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+            }
+        })
         .collect();
     dirs.sort();
     dirs.dedup();

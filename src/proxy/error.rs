@@ -1,7 +1,7 @@
 //! The one place where proxy failures become responses: each failure has an
 //! Envoy response flag, a status, a body, and for gRPC callers a `grpc-status`.
 
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::body::{self, Body};
@@ -57,7 +57,9 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BlackHole | ProxyError::UpstreamProtocol | ProxyError::PassthroughLoop => StatusCode::BAD_GATEWAY,
+            ProxyError::BlackHole | ProxyError::UpstreamProtocol | ProxyError::PassthroughLoop => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::error::{ProxyError, ResponseFlag};
 use crate::body::{self, Body, OnDone};
 use crate::route::matcher::query_value;
-use crate::route::{roll, Action, AbortKind, Fallback, Forward, RequestView, Route, WeightedCluster};
+use crate::route::{AbortKind, Action, Fallback, Forward, RequestView, Route, WeightedCluster, roll};
 use crate::snapshot::{Listener, ListenerKind, Snapshot};
 use crate::upstream::lb::hash_bytes;
 use crate::upstream::{Cluster, EndpointState, HashSource, LbPolicy, PoolSettings, SendError, UpstreamError};
@@ -110,10 +110,7 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 fn authority_of(req: &Request<Incoming>) -> Option<String> {
@@ -196,24 +193,24 @@ async fn forward(
 ) -> Result<Response<Body>, ProxyError> {
     let grpc = is_grpc(req.headers());
     if let Some(fault) = &route.fault {
-        if let Some(d) = &fault.delay {
-            if roll(d.percent) {
-                outcome.flags = "DI";
-                tokio::time::sleep(d.delay).await;
-            }
+        if let Some(d) = &fault.delay
+            && roll(d.percent)
+        {
+            outcome.flags = "DI";
+            tokio::time::sleep(d.delay).await;
         }
-        if let Some(a) = &fault.abort {
-            if roll(a.percent) {
-                let (status, grpc_code) = match a.kind {
-                    AbortKind::Http(s) => (s, None),
-                    AbortKind::Grpc(c) => (StatusCode::OK, Some(c)),
-                };
-                if grpc_code.is_some() && !grpc {
-                    // A gRPC abort on a plain HTTP request still answers as gRPC.
-                    return Ok(ProxyError::FaultAbort { status, grpc: grpc_code }.into_response(true));
-                }
-                return Err(ProxyError::FaultAbort { status, grpc: grpc_code });
+        if let Some(a) = &fault.abort
+            && roll(a.percent)
+        {
+            let (status, grpc_code) = match a.kind {
+                AbortKind::Http(s) => (s, None),
+                AbortKind::Grpc(c) => (StatusCode::OK, Some(c)),
+            };
+            if grpc_code.is_some() && !grpc {
+                // A gRPC abort on a plain HTTP request still answers as gRPC.
+                return Ok(ProxyError::FaultAbort { status, grpc: grpc_code }.into_response(true));
             }
+            return Err(ProxyError::FaultAbort { status, grpc: grpc_code });
         }
     }
     let dest: &WeightedCluster = fwd.pick();
@@ -298,7 +295,9 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 /// The route timeout, or the client's `x-envoy-upstream-rq-timeout-ms` (as the
 /// local app is trusted in a sidecar, Envoy honours it).
 fn timeout_for(route: &Route, headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers.get(TIMEOUT_OVERRIDE).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()) {
+    if let Some(ms) =
+        headers.get(TIMEOUT_OVERRIDE).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
+    {
         return (ms > 0).then(|| Duration::from_millis(ms));
     }
     route.timeout
@@ -317,7 +316,12 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 /// The consistent-hash key of a request, and a `Set-Cookie` to send when the
 /// policy generates its cookie.
-fn hash_key(lb: &LbPolicy, req: &Request<Incoming>, peer: IpAddr, query: Option<&str>) -> (Option<u64>, Option<HeaderValue>) {
+fn hash_key(
+    lb: &LbPolicy,
+    req: &Request<Incoming>,
+    peer: IpAddr,
+    query: Option<&str>,
+) -> (Option<u64>, Option<HeaderValue>) {
     let LbPolicy::ConsistentHash { source, .. } = lb else { return (None, None) };
     match source {
         HashSource::Header(name) => (req.headers().get(name).map(|v| hash_bytes(v.as_bytes())), None),
@@ -346,10 +350,10 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     for h in headers.get_all(header::COOKIE) {
         let Ok(s) = h.to_str() else { continue };
         for pair in s.split(';') {
-            if let Some((k, v)) = pair.trim().split_once('=') {
-                if k == name {
-                    return Some(v.trim_matches('"').to_string());
-                }
+            if let Some((k, v)) = pair.trim().split_once('=')
+                && k == name
+            {
+                return Some(v.trim_matches('"').to_string());
             }
         }
     }
@@ -407,10 +411,10 @@ fn prepare_request_headers(headers: &mut HeaderMap, conn: ConnInfo, kind: Listen
         let proto = if scheme == "https" { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !headers.contains_key(X_REQUEST_ID) {
-        if let Ok(v) = HeaderValue::from_str(&uuid_v4()) {
-            headers.insert(X_REQUEST_ID, v);
-        }
+    if !headers.contains_key(X_REQUEST_ID)
+        && let Ok(v) = HeaderValue::from_str(&uuid_v4())
+    {
+        headers.insert(X_REQUEST_ID, v);
     }
 }
 
@@ -424,7 +428,14 @@ pub fn uuid_v4() -> String {
 
 /// Builds the upstream request for one attempt: protocol version, URI form and
 /// Host for the endpoint's protocol.
-fn finish_request(mut req: Request<Body>, ep: &EndpointState, authority: &str, path: &str, query: Option<&str>, attempt: usize) -> Request<Body> {
+fn finish_request(
+    mut req: Request<Body>,
+    ep: &EndpointState,
+    authority: &str,
+    path: &str,
+    query: Option<&str>,
+    attempt: usize,
+) -> Request<Body> {
     let pq = match query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
@@ -497,7 +508,9 @@ async fn send_with_retries(
 
 fn map_upstream_error(e: &UpstreamError) -> ProxyError {
     match e {
-        UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_) | UpstreamError::Handshake(_) => ProxyError::ConnectFailure,
+        UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_) | UpstreamError::Handshake(_) => {
+            ProxyError::ConnectFailure
+        }
         UpstreamError::Terminated(err) if err.is_parse() => ProxyError::UpstreamProtocol,
         UpstreamError::Terminated(_) => ProxyError::ConnectionTermination,
     }
@@ -563,7 +576,8 @@ fn points_at_listener(target: SocketAddr, listener: SocketAddr) -> bool {
     if target.port() != listener.port() {
         return false;
     }
-    target.ip() == listener.ip() || (listener.ip().is_unspecified() && (target.ip().is_loopback() || target.ip().is_unspecified()))
+    target.ip() == listener.ip()
+        || (listener.ip().is_unspecified() && (target.ip().is_loopback() || target.ip().is_unspecified()))
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! regexes match the whole string, header values of repeated headers are
 //! joined with `,`, a missing header counts as empty for `withoutHeaders`.
 
-use http::header::{HeaderMap, HeaderName};
 use http::Method;
+use http::header::{HeaderMap, HeaderName};
 use regex::Regex;
 
 /// What matching needs to see of a request.
@@ -50,9 +50,7 @@ impl StringMatcher {
 /// Compiles a pattern so that it must match the entire input, with a bound on
 /// its compiled size (a config can't make the proxy build a huge automaton).
 pub fn anchored_regex(pattern: &str) -> Result<Regex, regex::Error> {
-    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$")).size_limit(REGEX_SIZE_LIMIT).build()
 }
 
 /// Upper bound on a compiled route regex; validation enforces the same bound.
@@ -62,8 +60,14 @@ pub use crate::config::validate::REGEX_SIZE_LIMIT;
 pub enum PathMatch {
     /// No `uri` condition: Envoy's implicit `prefix: /`.
     Any,
-    Exact { value: String, ignore_case: bool },
-    Prefix { value: String, ignore_case: bool },
+    Exact {
+        value: String,
+        ignore_case: bool,
+    },
+    Prefix {
+        value: String,
+        ignore_case: bool,
+    },
     Regex(Regex),
 }
 
@@ -132,20 +136,20 @@ impl RouteMatch {
         if !self.path.matches(req.path) {
             return false;
         }
-        if let Some(m) = &self.method {
-            if !m.matches(req.method.as_str()) {
-                return false;
-            }
+        if let Some(m) = &self.method
+            && !m.matches(req.method.as_str())
+        {
+            return false;
         }
-        if let Some(m) = &self.authority {
-            if !m.matches(req.authority) {
-                return false;
-            }
+        if let Some(m) = &self.authority
+            && !m.matches(req.authority)
+        {
+            return false;
         }
-        if let Some(m) = &self.scheme {
-            if !m.matches(req.scheme) {
-                return false;
-            }
+        if let Some(m) = &self.scheme
+            && !m.matches(req.scheme)
+        {
+            return false;
         }
         for h in &self.headers {
             if header_matches(req.headers, h) == h.invert {
@@ -263,7 +267,8 @@ mod tests {
         };
         let m = RouteMatch { headers: vec![cond], ..Default::default() };
         assert!(m.matches(&view("/", None, &h)));
-        let present = HeaderCondition { name: HeaderName::from_static("x"), matcher: StringMatcher::Present, invert: true };
+        let present =
+            HeaderCondition { name: HeaderName::from_static("x"), matcher: StringMatcher::Present, invert: true };
         let m = RouteMatch { headers: vec![present], ..Default::default() };
         assert!(m.matches(&view("/", None, &h)));
     }
@@ -273,7 +278,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x", "a".parse().unwrap());
         h.append("x", "b".parse().unwrap());
-        let cond = HeaderCondition { name: HeaderName::from_static("x"), matcher: StringMatcher::Exact("a,b".into()), invert: false };
+        let cond = HeaderCondition {
+            name: HeaderName::from_static("x"),
+            matcher: StringMatcher::Exact("a,b".into()),
+            invert: false,
+        };
         let m = RouteMatch { headers: vec![cond], ..Default::default() };
         assert!(m.matches(&view("/", None, &h)));
     }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use regex::Regex;
 
 pub use matcher::{PathMatch, RequestView, RouteMatch, StringMatcher};
@@ -61,7 +61,7 @@ impl RouteTable {
                 return false;
             }
             self.suffix.push((suffix.to_string(), vh.clone()));
-            self.suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            self.suffix.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
             return true;
         }
         if self.exact.contains_key(&domain) {
@@ -94,8 +94,7 @@ impl RouteTable {
     }
 
     pub fn virtual_hosts(&self) -> Vec<(String, Arc<VirtualHost>)> {
-        let mut out: Vec<(String, Arc<VirtualHost>)> =
-            self.exact.iter().map(|(d, v)| (d.clone(), v.clone())).collect();
+        let mut out: Vec<(String, Arc<VirtualHost>)> = self.exact.iter().map(|(d, v)| (d.clone(), v.clone())).collect();
         out.extend(self.suffix.iter().map(|(s, v)| (format!("*{s}"), v.clone())));
         if let Some(v) = &self.any {
             out.push(("*".into(), v.clone()));
@@ -319,11 +318,11 @@ impl Redirect {
             }
         }
         loc.push_str(&path);
-        if let Some(q) = req.query {
-            if !path.contains('?') {
-                loc.push('?');
-                loc.push_str(q);
-            }
+        if let Some(q) = req.query
+            && !path.contains('?')
+        {
+            loc.push('?');
+            loc.push_str(q);
         }
         loc
     }

@@ -28,7 +28,10 @@ pub enum LbPolicy {
     LeastRequest,
     RoundRobin,
     Random,
-    ConsistentHash { source: HashSource, min_ring_size: u64 },
+    ConsistentHash {
+        source: HashSource,
+        min_ring_size: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -243,10 +243,8 @@ impl EndpointState {
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, UpstreamError> {
         let stream = self.connect_tcp().await?;
-        let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Handshake)?;
+        let (tx, conn) =
+            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Handshake)?;
         let counter = self.open_connections.clone();
         counter.fetch_add(1, Ordering::Relaxed);
         let addr = self.addr;

@@ -146,7 +146,9 @@ pub fn service_entry(name: &str, host: &str, port: u16, protocol: &str, endpoint
 /// A DestinationRule with subsets named after versions, plus an optional
 /// `trafficPolicy` block (YAML, indented by the caller to 2 spaces under spec).
 pub fn destination_rule(name: &str, host: &str, versions: &[&str], policy: Option<&str>) -> String {
-    let mut y = format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: {name}\nspec:\n  host: {host}\n");
+    let mut y = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: {name}\nspec:\n  host: {host}\n"
+    );
     if let Some(p) = policy {
         y.push_str("  trafficPolicy:\n");
         for line in p.lines() {
