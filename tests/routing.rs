@@ -616,3 +616,75 @@ async fn pooled_connections_closed_by_the_upstream_never_fail_a_request() {
     }
     assert!(accepted.load(Ordering::Relaxed) >= 6, "the upstream closed idle connections");
 }
+
+/// Sequential requests reuse one pooled upstream connection (keep-alive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let upstream = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { continue };
+                accepted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut s = tokio::io::BufReader::new(s);
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match s.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => {
+                                if s.get_mut()
+                                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    };
+    let port = free_port();
+    let yaml = format!(
+        "{}{}{}",
+        service_entry("svc", "svc.test", 80, "HTTP", &[(upstream, "v1")]),
+        gateway("gw", port),
+        gateway_vs("vs", "gw", "  - route:\n    - destination:\n        host: svc.test\n")
+    );
+    let _p = TestProxy::start(&yaml).await;
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(get(&c, &format!("http://127.0.0.1:{port}/"), &[]).await, (200, "ok".to_string()));
+    }
+    assert_eq!(accepted.load(Ordering::Relaxed), 1, "one keep-alive connection for 50 sequential requests");
+}
+
+/// `resolution: DNS` endpoints are resolved in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_endpoints_are_resolved() {
+    let v1 = echo("v1").await;
+    let port = free_port();
+    let se = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: svc\nspec:\n  hosts:\n  - svc.test\n  resolution: DNS\n  ports:\n  - number: 80\n    name: http\n    protocol: HTTP\n  endpoints:\n  - address: localhost\n    ports:\n      http: {}\n---\n",
+        v1.port()
+    );
+    let yaml = format!(
+        "{se}{}{}",
+        gateway("gw", port),
+        gateway_vs("vs", "gw", "  - route:\n    - destination:\n        host: svc.test\n")
+    );
+    let _p = TestProxy::start(&yaml).await;
+    let (status, body) = get(&client(), &format!("http://127.0.0.1:{port}/"), &[]).await;
+    assert_eq!((status, version_of(&body).as_str()), (200, "v1"));
+}

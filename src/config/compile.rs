@@ -1235,6 +1235,217 @@ fn apply_pool_policy(settings: &mut PoolSettings, cp: Option<&model::ConnectionP
 mod tests {
     use super::*;
 
+    fn build(yaml: &str, labels: &[(&str, &str)]) -> Result<Snapshot, Vec<Diagnostic>> {
+        let set = super::super::load::load_str(std::path::Path::new("t.yaml"), yaml, "default");
+        let opts = CompileOptions {
+            namespace: "default".into(),
+            workload_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        compile(&set, &opts, &Registry::new())
+    }
+
+    const SE: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: svc}
+spec:
+  hosts: [svc.test]
+  resolution: STATIC
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 81, name: http-alt, protocol: HTTP}
+  endpoints:
+  - {address: 127.0.0.1, labels: {version: v1}}
+  - {address: 127.0.0.2, labels: {version: v2}}
+---
+";
+
+    fn cluster<'a>(s: &'a Snapshot, name: &str) -> &'a Arc<crate::upstream::Cluster> {
+        s.clusters.iter().find(|c| &*c.name == name).unwrap_or_else(|| {
+            panic!("no cluster {name}: {:?}", s.clusters.iter().map(|c| c.name.to_string()).collect::<Vec<_>>())
+        })
+    }
+
+    /// Routes a gateway VS to every cluster combination so they get built.
+    fn with_routes(extra: &str) -> String {
+        format!(
+            "{SE}{extra}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  servers:
+  - port: {{number: 18999, name: http, protocol: HTTP}}
+    hosts: ['*']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: vs}}
+spec:
+  hosts: ['*']
+  gateways: [gw]
+  http:
+  - match: [{{uri: {{prefix: /a}}}}]
+    route: [{{destination: {{host: svc.test, subset: v1, port: {{number: 80}}}}}}]
+  - match: [{{uri: {{prefix: /b}}}}]
+    route: [{{destination: {{host: svc.test, subset: v2, port: {{number: 81}}}}}}]
+  - match: [{{uri: {{prefix: /c}}}}]
+    route: [{{destination: {{host: svc.test, port: {{number: 81}}}}}}]
+  - route: [{{destination: {{host: svc.test, port: {{number: 80}}}}}}]
+"
+        )
+    }
+
+    #[test]
+    fn policy_layering_port_level_and_subset_blocks() {
+        let dr = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: svc}
+spec:
+  host: svc.test
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool: {tcp: {connectTimeout: 3s}}
+    portLevelSettings:
+    - port: {number: 81}
+      loadBalancer: {simple: RANDOM}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+  - name: v2
+    labels: {version: v2}
+---
+";
+        let s = build(&with_routes(dr), &[]).unwrap();
+        // Top level applies to the default cluster on port 80.
+        let c = cluster(&s, "outbound|80||svc.test");
+        assert_eq!(c.lb, LbPolicy::RoundRobin);
+        assert_eq!(c.settings.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.endpoints().len(), 2);
+        // A port-level entry replaces the whole top-level policy: RANDOM, and
+        // the top-level connectTimeout does not carry over.
+        let c = cluster(&s, "outbound|81||svc.test");
+        assert_eq!(c.lb, LbPolicy::Random);
+        assert_eq!(c.settings.connect_timeout, crate::upstream::pool::DEFAULT_CONNECT_TIMEOUT);
+        // A subset's loadBalancer block replaces the top-level one; its other
+        // blocks still come from the top level.
+        let c = cluster(&s, "outbound|80|v1|svc.test");
+        assert!(matches!(c.lb, LbPolicy::ConsistentHash { .. }));
+        assert_eq!(c.settings.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.endpoints().len(), 1);
+        // A subset without a policy on port 81 gets the port-level policy.
+        let c = cluster(&s, "outbound|81|v2|svc.test");
+        assert_eq!(c.lb, LbPolicy::Random);
+        assert_eq!(c.endpoints().endpoints[0].state.addr.to_string(), "127.0.0.2:81");
+    }
+
+    #[test]
+    fn cross_references_are_errors() {
+        let bad = with_routes("").replace("subset: v2", "subset: v9");
+        let errs = build(&bad, &[]).unwrap_err();
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert!(text.iter().any(|e| e.contains("subset v1 needs a DestinationRule")), "{text:#?}");
+        assert!(
+            text.iter().any(|e| e.contains("t.yaml:") && e.contains("spec.http[1].route[0].destination")),
+            "{text:#?}"
+        );
+        let bad = with_routes("").replace("host: svc.test, port: {number: 80}", "host: nowhere.test");
+        let errs = build(&bad, &[]).unwrap_err();
+        assert!(errs.iter().any(|e| e.to_string().contains("nowhere.test is not defined")), "{errs:#?}");
+        // A service with two ports needs an explicit destination port.
+        let bad = with_routes("").replace("host: svc.test, port: {number: 80}", "host: svc.test");
+        let errs = build(&bad, &[]).unwrap_err();
+        assert!(errs.iter().any(|e| e.to_string().contains("several ports")), "{errs:#?}");
+    }
+
+    #[test]
+    fn gateway_selector_applies_only_to_matching_workloads() {
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: svc}\nspec:\n  host: svc.test\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n---\n";
+        let yaml = with_routes(dr).replace(
+            "metadata: {name: gw}\nspec:\n",
+            "metadata: {name: gw}\nspec:\n  selector: {istio: ingressgateway}\n",
+        );
+        // Standalone (no labels): every Gateway applies.
+        assert_eq!(build(&yaml, &[]).unwrap().listeners.len(), 1);
+        assert_eq!(build(&yaml, &[("istio", "ingressgateway")]).unwrap().listeners.len(), 1);
+        assert_eq!(build(&yaml, &[("app", "reviews")]).unwrap().listeners.len(), 0);
+    }
+
+    #[test]
+    fn source_labels_and_match_port_are_static() {
+        let yaml = format!(
+            "{SE}apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ['./*']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: vs}}
+spec:
+  hosts: [svc.test]
+  http:
+  - name: canary-only
+    match: [{{sourceLabels: {{app: canary}}}}]
+    route: [{{destination: {{host: svc.test, port: {{number: 80}}}}}}]
+  - match: [{{port: 81}}]
+    route: [{{destination: {{host: svc.test, port: {{number: 81}}}}}}]
+  - route: [{{destination: {{host: svc.test, port: {{number: 80}}}}}}]
+"
+        );
+        let routes = |labels: &[(&str, &str)]| {
+            let s = build(&yaml, labels).unwrap();
+            let vh = s.listeners[0].routes.find("svc.test").unwrap().clone();
+            vh.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>()
+        };
+        // For a canary workload the sourceLabels rule applies, and since it
+        // has no other condition it matches everything there. Elsewhere it is
+        // dropped, and the port-81 rule never applies on the port-80 listener.
+        assert_eq!(routes(&[("app", "canary")]), vec!["canary-only"]);
+        assert_eq!(routes(&[("app", "other")]), vec!["vs"]);
+    }
+
+    #[test]
+    fn most_specific_sidecar_wins() {
+        let sc = |name: &str, selector: &str, port: u16| {
+            format!(
+                "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: {name}}}
+spec:
+{selector}  egress:
+  - port: {{number: {port}, name: http, protocol: HTTP}}
+    hosts: ['./*']
+---
+"
+            )
+        };
+        let yaml = format!(
+            "{SE}{}{}",
+            sc("ns-wide", "", 80),
+            sc("reviews", "  workloadSelector: {labels: {app: reviews}}\n", 81)
+        );
+        let s = build(&yaml, &[("app", "reviews")]).unwrap();
+        assert_eq!(s.listeners[0].addr.port(), 81);
+        let s = build(&yaml, &[("app", "ratings")]).unwrap();
+        assert_eq!(s.listeners[0].addr.port(), 80);
+    }
+
+    #[test]
+    fn catch_all_makes_later_rules_unreachable() {
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: svc}\nspec:\n  host: svc.test\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n---\n";
+        let yaml = with_routes(dr).replace(
+            "  - match: [{uri: {prefix: /a}}]",
+            "  - route: [{destination: {host: svc.test, port: {number: 80}}}]\n  - match: [{uri: {prefix: /a}}]",
+        );
+        let s = build(&yaml, &[]).unwrap();
+        assert_eq!(s.listeners[0].routes.find("x").unwrap().routes.len(), 1);
+        assert!(s.warnings.iter().any(|w| w.message.contains("unreachable")), "{:?}", s.warnings);
+    }
+
     #[test]
     fn expands_short_names() {
         assert_eq!(expand_host("reviews", "default"), "reviews.default.svc.cluster.local");
