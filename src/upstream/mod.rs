@@ -7,6 +7,7 @@
 
 pub mod dns;
 pub mod lb;
+pub mod outlier;
 pub mod pool;
 
 use std::collections::{BTreeMap, HashMap};
