@@ -7,14 +7,18 @@
 //! touched, so their connections never notice the change.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -33,6 +37,11 @@ pub const MAX_H2_HEADER_LIST: u32 = 64 * 1024;
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// HTTP/2 rapid-reset guard: streams a client may reset before being accepted.
 pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Time allowed for a new connection's first bytes, enough to tell HTTP/1 from
+/// the HTTP/2 preface. hyper's timeouts only start once the protocol is known,
+/// so without this a client that connects and sends nothing holds the
+/// connection forever. Same bound as the request head.
+pub const PROTOCOL_DETECT_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
 /// How long a removed listener's connections may take to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -182,7 +191,8 @@ async fn accept_loop(
                     let state = state.clone();
                     async move { Ok::<_, std::convert::Infallible>(handler::handle(state, conn, req).await) }
                 });
-                let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                let io = TokioIo::new(DetectDeadline::new(stream, PROTOCOL_DETECT_TIMEOUT));
+                let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
                 let watched = graceful.watch(served);
                 tokio::spawn(async move {
                     if let Err(e) = watched.await {
@@ -195,5 +205,122 @@ async fn accept_loop(
     drop(listener);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
         tracing::warn!(%addr, "listener drain timed out; remaining connections are closed");
+    }
+}
+
+/// The HTTP/2 client preface; a connection that starts with it is h2c.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Fails reads with `TimedOut` when the connection has not shown its protocol
+/// (a byte that differs from the HTTP/2 preface, or the whole preface) within
+/// the deadline. Once it has, or at EOF, the deadline is gone and reads pass
+/// through untouched, so hyper's own timeouts govern the rest.
+struct DetectDeadline<S> {
+    inner: S,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    seen: usize,
+}
+
+impl<S> DetectDeadline<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
+        DetectDeadline { inner, deadline: Some(Box::pin(tokio::time::sleep(timeout))), seen: 0 }
+    }
+
+    fn observe(&mut self, read: &[u8]) {
+        let start = self.seen.min(H2_PREFACE.len());
+        let end = (self.seen + read.len()).min(H2_PREFACE.len());
+        let still_preface = read[..end - start] == H2_PREFACE[start..end];
+        self.seen += read.len();
+        if read.is_empty() || !still_preface || self.seen >= H2_PREFACE.len() {
+            self.deadline = None;
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for DetectDeadline<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if this.deadline.is_some() {
+                    this.observe(&buf.filled()[before..]);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if expired {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no HTTP request or HTTP/2 preface in time",
+                    )));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for DetectDeadline<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn armed(reads: &[&[u8]]) -> bool {
+        let mut d = DetectDeadline::new((), Duration::from_secs(1));
+        for r in reads {
+            d.observe(r);
+        }
+        d.deadline.is_some()
+    }
+
+    #[tokio::test]
+    async fn detect_deadline_disarms_once_protocol_is_known() {
+        assert!(armed(&[]));
+        assert!(armed(&[b"PRI * HTTP/2.0\r\n"]), "part of the preface");
+        assert!(armed(&[b"PRI * HT", b"TP/2.0\r\n\r\nSM"]), "preface split across reads");
+        assert!(!armed(&[H2_PREFACE]), "whole preface");
+        assert!(!armed(&[b"PRI * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n\0\0\x12"]), "preface and a frame");
+        assert!(!armed(&[b"G"]), "HTTP/1 from the first byte");
+        assert!(!armed(&[b"PRI * HTTP/1.1\r\n"]), "differs from the preface");
+        assert!(!armed(&[b"PRI", b""]), "EOF");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_connection_times_out() {
+        use tokio::io::AsyncReadExt;
+        let (client, server) = tokio::io::duplex(64);
+        let mut d = DetectDeadline::new(server, Duration::from_secs(15));
+        let mut buf = [0u8; 8];
+        let err = d.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        drop(client);
     }
 }
