@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -219,6 +219,7 @@ async fn forward(
 
     let timeout = timeout_for(route, req.headers());
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let head = req.method() == Method::HEAD;
     let (hash, set_cookie) = hash_key(&cluster.lb, &req, conn.peer.ip(), query);
 
     let (mut parts, body) = req.into_parts();
@@ -271,7 +272,17 @@ async fn forward(
     if let Some(cookie) = set_cookie {
         rparts.headers.append(header::SET_COOKIE, cookie);
     }
-    let body = body::boxed(OnDone::new(rbody, move || drop(guard)));
+    // A response to HEAD has no content (RFC 9110 §9.3.2), whatever the
+    // upstream sends: some HTTP/2 servers send DATA anyway, which the h2
+    // client rejects as malformed, and forwarding that would reset the
+    // client's stream after the headers were ready.
+    let body = if head {
+        drop(rbody);
+        drop(guard);
+        body::empty()
+    } else {
+        body::boxed(OnDone::new(rbody, move || drop(guard)))
+    };
     Ok(Response::from_parts(rparts, body))
 }
 
