@@ -195,10 +195,11 @@ impl Detector {
         }
         if matches!(code, 502..=504) {
             let n = m.cgw.fetch_add(1, Ordering::Relaxed) + 1;
-            if cfg.consecutive_gateway > 0 && n == cfg.consecutive_gateway {
-                if let Some(r) = self.detected(host, EjectionReason::ConsecutiveGatewayFailure, hosts, now) {
-                    return Some(r);
-                }
+            if cfg.consecutive_gateway > 0
+                && n == cfg.consecutive_gateway
+                && let Some(r) = self.detected(host, EjectionReason::ConsecutiveGatewayFailure, hosts, now)
+            {
+                return Some(r);
             }
         } else {
             m.cgw.store(0, Ordering::Relaxed);
