@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -17,13 +16,17 @@ use serde_json::json;
 use super::model::{self, Spec};
 use super::validate::{decode_base64, grpc_status_code, percent_of, port_protocol, validate_resource};
 use super::{Diagnostic, LoadedSet, Resource};
+use crate::route::Mirror;
 use crate::route::matcher::{HeaderCondition, QueryCondition, anchored_regex};
+use crate::route::retry::RetryPolicy;
 use crate::route::{
     AbortKind, Action, DirectResponse, Fallback, Fault, FaultAbort, FaultDelay, Forward, HeaderOps, PathMatch,
     Redirect, RedirectPort, Rewrite, Route, RouteMatch, RouteTable, StringMatcher, UriRewrite, VirtualHost,
     WeightedCluster,
 };
 use crate::snapshot::{Listener, ListenerKind, Snapshot};
+use crate::upstream::OutlierConfig;
+use crate::upstream::pool::Keepalive;
 use crate::upstream::{
     ClusterKey, ClusterSpec, Direction, Discovery, DnsTarget, EndpointSpec, HashSource, LbPolicy, PoolSettings,
     Protocol, Registry, dns,
@@ -102,6 +105,8 @@ struct Service {
 }
 
 struct DrInfo {
+    /// The first DestinationRule for the host (for diagnostics).
+    res: Resource,
     namespace: String,
     name: String,
     policy: Option<model::TrafficPolicy>,
@@ -174,6 +179,7 @@ impl Compiler<'_> {
                     self.drs.insert(
                         host,
                         DrInfo {
+                            res: r.clone(),
                             namespace: r.namespace.clone(),
                             name: r.name.clone(),
                             policy: dr.traffic_policy.clone(),
@@ -265,6 +271,7 @@ impl Compiler<'_> {
         };
         apply_pool_policy(&mut settings, policy.connection_pool.as_ref());
         let lb = lb_policy(policy.load_balancer.as_ref());
+        let outlier = outlier_config(policy.outlier_detection.as_ref());
         let target_port = |ep: &model::WorkloadEntry| -> u16 {
             let p = ep.ports.get(&svc_port.name).copied().or(svc_port.target_port).unwrap_or(svc_port.number);
             u16::try_from(p).unwrap_or(port)
@@ -320,15 +327,34 @@ impl Compiler<'_> {
             "subsetLabels": selector,
             "destinationRule": dr.map(|d| format!("{}/{}", d.namespace, d.name)),
         });
+        let dr_res = dr.map(|d| d.res.clone());
         let cluster = self.registry.build(ClusterSpec {
             key: key.clone(),
             lb,
             settings,
+            outlier,
             discovery,
             selector,
             endpoints,
             policy_json,
         });
+        // The "fewer than 10 hosts never eject" trap: Envoy's strict rule
+        // allows an ejection only if 100·(ejected+1)/hosts ≤ maxEjectionPercent.
+        let hosts = cluster.endpoints().len();
+        if let (Some(cfg), Some(res)) = (outlier, dr_res)
+            && matches!(cluster.discovery, Discovery::Static)
+            && hosts > 0
+            && !cfg.can_eject_any(hosts)
+        {
+            let need = 100usize.div_ceil(hosts);
+            self.diags.push(res.warning(
+                "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+                format!(
+                    "cluster {} has {hosts} endpoint(s) and maxEjectionPercent {}: no endpoint can ever be ejected (100·(ejected+1)/hosts must stay ≤ maxEjectionPercent); set it to at least {need}",
+                    cluster.name, cfg.max_ejection_percent
+                ),
+            ));
+        }
         self.clusters.insert(key, cluster.clone());
         Ok(cluster)
     }
@@ -469,6 +495,7 @@ impl Compiler<'_> {
                 key: key.clone(),
                 lb: LbPolicy::RoundRobin,
                 settings,
+                outlier: None,
                 discovery: Discovery::Static,
                 selector: BTreeMap::new(),
                 endpoints: vec![EndpointSpec { addr: endpoint, weight: 1, labels: BTreeMap::new() }],
@@ -489,6 +516,8 @@ impl Compiler<'_> {
                 rewrite: None,
                 timeout: None,
                 fault: None,
+                retry: Some(RetryPolicy::istio_default()),
+                mirrors: Vec::new(),
             };
             let vh = Arc::new(VirtualHost { name: format!("inbound|{port}"), routes: vec![route] });
             let mut table = RouteTable::new(Fallback::NotFound);
@@ -638,6 +667,8 @@ impl Compiler<'_> {
             rewrite: None,
             timeout: None,
             fault: None,
+            retry: Some(RetryPolicy::istio_default()),
+            mirrors: Vec::new(),
         };
         Ok(Arc::new(VirtualHost { name: host.to_string(), routes: vec![route] }))
     }
@@ -871,10 +902,55 @@ impl Compiler<'_> {
             }),
         });
         let timeout = http.timeout.map(|t| t.0).filter(|t| !t.is_zero());
+        let consistent_hash = match &action {
+            Action::Forward(f) => {
+                f.destinations.iter().any(|d| matches!(d.cluster.lb, LbPolicy::ConsistentHash { .. }))
+            }
+            _ => false,
+        };
+        let retry = RetryPolicy::from_config(http.retries.as_ref(), consistent_hash);
+        let mut mirrors = Vec::new();
+        let mirror_list: Vec<(String, &model::Destination, f64)> = match &http.mirror {
+            Some(m) => {
+                let percent = match (http.mirror_percentage, http.mirror_percent) {
+                    (Some(p), _) => p.value,
+                    (None, Some(p)) => p as f64,
+                    // Istio: an absent percentage mirrors everything.
+                    (None, None) => 100.0,
+                };
+                vec![(format!("{path}.mirror"), m, percent)]
+            }
+            None => http
+                .mirrors
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    (
+                        format!("{path}.mirrors[{i}].destination"),
+                        &m.destination,
+                        m.percentage.map(|p| p.value).unwrap_or(100.0),
+                    )
+                })
+                .collect(),
+        };
+        for (mpath, dest, percent) in mirror_list {
+            let host = expand_host(&dest.host, &r.namespace);
+            let cluster = self
+                .destination_port(&host, dest.port.as_ref().map(|p| p.number), port)
+                .and_then(|p| self.cluster(&host, dest.subset.as_deref(), p));
+            match cluster {
+                Ok(cluster) if percent > 0.0 => mirrors.push(Mirror { cluster, percent }),
+                Ok(_) => {}
+                Err(e) => {
+                    self.diags.push(r.error(mpath, e));
+                    ok = false;
+                }
+            }
+        }
         if !ok {
             return Err(());
         }
-        Ok(Route { name, matcher, action, request_headers, response_headers, rewrite, timeout, fault })
+        Ok(Route { name, matcher, action, request_headers, response_headers, rewrite, timeout, fault, retry, mirrors })
     }
 
     /// Which service port a destination means: the explicit one, else the only
@@ -1212,18 +1288,55 @@ fn lb_policy(lb: Option<&model::LoadBalancerSettings>) -> LbPolicy {
     }
 }
 
+/// Positive integer limit from a connection-pool field; 0 or unset keeps the
+/// default (Istio cannot tell them apart and treats both as unlimited).
+fn limit(v: Option<i64>) -> Option<usize> {
+    v.filter(|n| *n > 0).and_then(|n| usize::try_from(n).ok())
+}
+
+/// Applies `connectionPool` to a cluster's pool settings (Istio's
+/// `applyConnectionPool`).
 fn apply_pool_policy(settings: &mut PoolSettings, cp: Option<&model::ConnectionPoolSettings>) {
     let Some(cp) = cp else { return };
-    if let Some(t) = cp.tcp.as_ref().and_then(|t| t.connect_timeout)
-        && t.0 > Duration::ZERO
-    {
-        settings.connect_timeout = t.0;
+    let nonzero = |d: Option<model::Duration>| d.map(|d| d.0).filter(|d| !d.is_zero());
+    if let Some(tcp) = &cp.tcp {
+        if let Some(n) = limit(tcp.max_connections) {
+            settings.max_connections = n;
+        }
+        if let Some(t) = nonzero(tcp.connect_timeout) {
+            settings.connect_timeout = t;
+        }
+        if let Some(k) = &tcp.tcp_keepalive {
+            settings.keepalive =
+                Some(Keepalive { time: k.time.map(|d| d.0), interval: k.interval.map(|d| d.0), probes: k.probes });
+        }
+        if let Some(t) = nonzero(tcp.max_connection_duration) {
+            settings.max_connection_duration = Some(t);
+        }
+        // The TCP idle timeout also bounds HTTP connections unless
+        // `http.idleTimeout` says otherwise.
+        if let Some(t) = nonzero(tcp.idle_timeout) {
+            settings.idle_timeout = t;
+        }
     }
     if let Some(h) = &cp.http {
-        if let Some(t) = h.idle_timeout
-            && t.0 > Duration::ZERO
-        {
-            settings.idle_timeout = t.0;
+        if let Some(n) = limit(h.http1_max_pending_requests) {
+            settings.max_pending = n;
+        }
+        if let Some(n) = limit(h.http2_max_requests) {
+            settings.max_requests = n;
+        }
+        if let Some(n) = limit(h.max_retries) {
+            settings.max_retries = n;
+        }
+        if let Some(n) = limit(h.max_requests_per_connection) {
+            settings.max_requests_per_connection = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        if let Some(n) = limit(h.max_concurrent_streams) {
+            settings.max_concurrent_streams = n;
+        }
+        if let Some(t) = nonzero(h.idle_timeout) {
+            settings.idle_timeout = t;
         }
         if h.h2_upgrade_policy.as_deref() == Some("UPGRADE") {
             settings.protocol = Protocol::Http2;
@@ -1231,8 +1344,34 @@ fn apply_pool_policy(settings: &mut PoolSettings, cp: Option<&model::ConnectionP
     }
 }
 
+/// `outlierDetection` → the detector's settings (Istio's `applyOutlierDetection`).
+fn outlier_config(od: Option<&model::OutlierDetection>) -> Option<OutlierConfig> {
+    let od = od?;
+    let d = OutlierConfig::default();
+    let count =
+        |v: Option<i64>, default: u32| v.map(|n| u32::try_from(n.max(0)).unwrap_or(u32::MAX)).unwrap_or(default);
+    let base = od.base_ejection_time.map(|t| t.0).filter(|t| !t.is_zero()).unwrap_or(d.base_ejection);
+    Some(OutlierConfig {
+        consecutive_5xx: count(od.consecutive_5xx_errors, d.consecutive_5xx),
+        consecutive_gateway: count(od.consecutive_gateway_errors, 0),
+        split_local_origin: od.split_external_local_origin_errors.unwrap_or(false),
+        consecutive_local_origin: count(od.consecutive_local_origin_failures, d.consecutive_local_origin),
+        interval: od.interval.map(|t| t.0).filter(|t| !t.is_zero()).unwrap_or(d.interval),
+        base_ejection: base,
+        max_ejection_time: d.max_ejection_time,
+        max_ejection_percent: od
+            .max_ejection_percent
+            .filter(|p| *p > 0)
+            .map(|p| p.min(100) as u32)
+            .unwrap_or(d.max_ejection_percent),
+        min_health_percent: od.min_health_percent.map(|p| p.clamp(0, 100) as u32).unwrap_or(0),
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn build(yaml: &str, labels: &[(&str, &str)]) -> Result<Snapshot, Vec<Diagnostic>> {

@@ -488,21 +488,48 @@ pub struct HttpRoute {
     #[serde(default)]
     pub timeout: Option<Duration>,
     #[serde(default)]
-    pub retries: Option<serde_json::Value>,
+    pub retries: Option<HttpRetry>,
     #[serde(default)]
     pub fault: Option<HttpFaultInjection>,
     #[serde(default)]
-    pub mirror: Unsupported,
+    pub mirror: Option<Destination>,
     #[serde(default)]
-    pub mirrors: Unsupported,
+    pub mirrors: Vec<HttpMirrorPolicy>,
     #[serde(default)]
-    pub mirror_percentage: Unsupported,
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated integer form of `mirrorPercentage`.
     #[serde(default)]
-    pub mirror_percent: Unsupported,
+    pub mirror_percent: Option<i64>,
     #[serde(default)]
     pub cors_policy: Unsupported,
     #[serde(default)]
     pub headers: Option<Headers>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRetry {
+    #[serde(default)]
+    pub attempts: Option<i64>,
+    #[serde(default)]
+    pub per_try_timeout: Option<Duration>,
+    #[serde(default)]
+    pub retry_on: Option<String>,
+    #[serde(default)]
+    pub retry_remote_localities: Option<bool>,
+    #[serde(default)]
+    pub retry_ignore_previous_hosts: Option<bool>,
+    #[serde(default)]
+    pub backoff: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMirrorPolicy {
+    #[serde(default)]
+    pub destination: Destination,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -123,6 +123,26 @@ pub fn percent_of(percentage: Option<Percent>, deprecated: Option<i64>) -> f64 {
     if v.is_nan() { 0.0 } else { v.clamp(0.0, 100.0) }
 }
 
+/// Retry conditions Istio accepts in `retryOn` (besides HTTP status codes).
+pub const RETRY_ON_POLICIES: [&str; 16] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "envoy-ratelimited",
+    "http3-post-connect-failure",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
 /// The numeric code of an upper-case gRPC status name (`UNAVAILABLE` → 14).
 pub fn grpc_status_code(name: &str) -> Option<u32> {
     GRPC_CODES.iter().position(|c| *c == name).and_then(|i| u32::try_from(i).ok())
@@ -444,25 +464,107 @@ impl Validator<'_> {
         if let Some(t) = h.timeout {
             self.duration(&format!("{path}.timeout"), t, true);
         }
-        if present(&h.retries) {
-            self.not_yet(&format!("{path}.retries"));
+        if let Some(r) = &h.retries {
+            self.retries(&format!("{path}.retries"), r);
         }
         if let Some(f) = &h.fault {
             self.fault(&format!("{path}.fault"), f);
         }
-        for (name, value) in [
-            ("mirror", &h.mirror),
-            ("mirrors", &h.mirrors),
-            ("mirrorPercentage", &h.mirror_percentage),
-            ("mirrorPercent", &h.mirror_percent),
-            ("corsPolicy", &h.cors_policy),
-        ] {
-            if present(value) {
-                self.not_yet(&format!("{path}.{name}"));
-            }
+        self.mirrors(path, h);
+        if present(&h.cors_policy) {
+            self.not_yet(&format!("{path}.corsPolicy"));
         }
         if let Some(hdrs) = &h.headers {
             self.headers(&format!("{path}.headers"), hdrs, authority_rewrite);
+        }
+    }
+
+    /// Istio's retry rules (`validateHTTPRetry`).
+    fn retries(&mut self, path: &str, r: &model::HttpRetry) {
+        match r.attempts {
+            Some(n) if n < 0 => self.err(format!("{path}.attempts"), "attempts must not be negative"),
+            Some(n) if n > MAX_INT32 => self.err(format!("{path}.attempts"), format!("attempts {n} is too large")),
+            Some(0) => {
+                for (name, set) in [
+                    ("perTryTimeout", r.per_try_timeout.is_some()),
+                    ("retryOn", r.retry_on.is_some()),
+                    ("retryRemoteLocalities", r.retry_remote_localities.is_some()),
+                ] {
+                    if set {
+                        self.err(
+                            format!("{path}.{name}"),
+                            format!("`{name}` cannot be set when attempts is 0 (retries disabled)"),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some(t) = r.per_try_timeout {
+            self.duration(&format!("{path}.perTryTimeout"), t, false);
+        }
+        if let Some(b) = r.backoff {
+            self.duration(&format!("{path}.backoff"), b, false);
+        }
+        if let Some(on) = &r.retry_on {
+            for token in on.split(',').map(str::trim) {
+                if token.is_empty() {
+                    continue;
+                }
+                let status_ok = token.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
+                if !status_ok && !RETRY_ON_POLICIES.contains(&token) {
+                    self.err(
+                        format!("{path}.retryOn"),
+                        format!(
+                            "`{token}` is not a retry condition (one of {} or an HTTP status code)",
+                            RETRY_ON_POLICIES.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if r.retry_remote_localities == Some(true) {
+            self.warn(
+                format!("{path}.retryRemoteLocalities"),
+                "remora has no locality information; `retryRemoteLocalities` has no effect",
+            );
+        }
+    }
+
+    /// `mirror` / `mirrors` / `mirrorPercentage` / deprecated `mirrorPercent`.
+    fn mirrors(&mut self, path: &str, h: &model::HttpRoute) {
+        if h.mirror.is_some() && !h.mirrors.is_empty() {
+            self.err(format!("{path}.mirrors"), "`mirror` and `mirrors` cannot both be set");
+        }
+        if let Some(m) = &h.mirror {
+            self.destination(&format!("{path}.mirror"), m);
+        }
+        if let Some(p) = h.mirror_percentage {
+            self.percentage(&format!("{path}.mirrorPercentage"), p);
+        }
+        if let Some(p) = h.mirror_percent {
+            if !(0..=100).contains(&p) {
+                self.err(format!("{path}.mirrorPercent"), format!("mirrorPercent {p} must be between 0 and 100"));
+            }
+            self.warn(
+                format!("{path}.mirrorPercent"),
+                "`mirrorPercent` is deprecated; use `mirrorPercentage: {value: N}`",
+            );
+            if h.mirror_percentage.is_some() {
+                self.err(format!("{path}.mirrorPercent"), "set only one of `mirrorPercentage` and `mirrorPercent`");
+            }
+        }
+        if (h.mirror_percentage.is_some() || h.mirror_percent.is_some()) && h.mirror.is_none() {
+            self.err(format!("{path}.mirrorPercentage"), "a mirror percentage needs `mirror`");
+        }
+        for (i, m) in h.mirrors.iter().enumerate() {
+            self.destination(&format!("{path}.mirrors[{i}].destination"), &m.destination);
+            if let Some(p) = m.percentage {
+                self.percentage(&format!("{path}.mirrors[{i}].percentage"), p);
+            }
+        }
+        if (h.mirror.is_some() || !h.mirrors.is_empty()) && h.route.is_empty() {
+            self.err(format!("{path}.mirror"), "mirroring needs a `route`");
         }
     }
 
@@ -994,7 +1096,6 @@ impl Validator<'_> {
     }
 
     fn connection_pool(&mut self, path: &str, cp: &model::ConnectionPoolSettings) {
-        self.warn(path, "connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)");
         if cp.tcp.is_none() && cp.http.is_none() {
             self.err(path, "a connectionPool must set `tcp` or `http`");
         }
@@ -1050,11 +1151,16 @@ impl Validator<'_> {
             if present(&http.http2_keep_alive) {
                 self.ignored(&format!("{h}.http2KeepAlive"));
             }
+            if http.use_client_protocol == Some(true) {
+                self.warn(
+                    format!("{h}.useClientProtocol"),
+                    "`useClientProtocol` is not supported by remora yet: the upstream protocol comes from the port's protocol and h2UpgradePolicy",
+                );
+            }
         }
     }
 
     fn outlier_detection(&mut self, path: &str, od: &model::OutlierDetection) {
-        self.warn(path, "outlierDetection is validated but not enforced yet");
         if od.consecutive_errors.is_some() {
             self.warn(
                 format!("{path}.consecutiveErrors"),
@@ -1727,15 +1833,33 @@ mod tests {
     #[test]
     fn unsupported_route_fields() {
         let e = errors(&vs(
-            "  hosts: [a]\n  tcp: [{route: [{destination: {host: a}}]}]\n  tls: [{match: [{sniHosts: [a]}]}]\n  http:\n  - delegate: {name: x}\n  - route: [{destination: {host: a}}]\n    retries: {attempts: 3}\n    mirror: {host: b}\n    mirrorPercentage: {value: 5}\n    mirrorPercent: 5\n    mirrors: [{destination: {host: b}}]\n    corsPolicy: {allowOrigins: [{exact: x}]}\n",
+            "  hosts: [a]\n  tcp: [{route: [{destination: {host: a}}]}]\n  tls: [{match: [{sniHosts: [a]}]}]\n  http:\n  - delegate: {name: x}\n  - route: [{destination: {host: a}}]\n    corsPolicy: {allowOrigins: [{exact: x}]}\n",
         ));
         assert_error(&e, "spec.tcp: `spec.tcp` is not supported by remora");
         assert_error(&e, "spec.tls: `spec.tls` is not supported by remora");
         assert_error(&e, "spec.http[0].delegate: `spec.http[0].delegate` is not supported by remora");
-        for f in ["retries", "mirror", "mirrorPercentage", "mirrorPercent", "mirrors", "corsPolicy"] {
-            assert_error(&e, &format!("spec.http[1].{f}: `spec.http[1].{f}` is not supported by remora yet"));
-        }
-        assert_eq!(e.len(), 9, "{e:#?}");
+        assert_error(&e, "spec.http[1].corsPolicy: `spec.http[1].corsPolicy` is not supported by remora yet");
+        assert_eq!(e.len(), 4, "{e:#?}");
+    }
+
+    #[test]
+    fn retries_and_mirrors() {
+        let ok = "  hosts: [a]\n  http:\n  - route: [{destination: {host: a}}]\n    retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"5xx,connect-failure,503,unavailable\", backoff: 50ms}\n    mirror: {host: b, subset: v2}\n    mirrorPercentage: {value: 5}\n  - route: [{destination: {host: a}}]\n    mirrors: [{destination: {host: b}, percentage: {value: 50}}, {destination: {host: c}}]\n";
+        assert!(errors(&vs(ok)).is_empty(), "{:#?}", errors(&vs(ok)));
+        let e = errors(&vs(
+            "  hosts: [a]\n  http:\n  - route: [{destination: {host: a}}]\n    retries: {attempts: 0, perTryTimeout: 1s, retryOn: 5xx}\n  - route: [{destination: {host: a}}]\n    retries: {attempts: -1, retryOn: \"5xx,bogus,700\"}\n    mirror: {host: b}\n    mirrors: [{destination: {host: c}}]\n    mirrorPercentage: {value: 150}\n  - route: [{destination: {host: a}}]\n    mirrorPercent: 20\n",
+        ));
+        assert_error(
+            &e,
+            "spec.http[0].retries.perTryTimeout: `perTryTimeout` cannot be set when attempts is 0 (retries disabled)",
+        );
+        assert_error(&e, "spec.http[0].retries.retryOn: `retryOn` cannot be set when attempts is 0 (retries disabled)");
+        assert_error(&e, "spec.http[1].retries.attempts: attempts must not be negative");
+        assert!(e.iter().any(|x| x.contains("`bogus` is not a retry condition")), "{e:#?}");
+        assert!(e.iter().any(|x| x.contains("`700` is not a retry condition")), "{e:#?}");
+        assert_error(&e, "spec.http[1].mirrors: `mirror` and `mirrors` cannot both be set");
+        assert!(e.iter().any(|x| x.starts_with("spec.http[1].mirrorPercentage")), "{e:#?}");
+        assert_error(&e, "spec.http[2].mirrorPercentage: a mirror percentage needs `mirror`");
     }
 
     #[test]
@@ -1843,17 +1967,12 @@ mod tests {
             format!(
                 "{tp}.loadBalancer.warmupDurationSecs: `{tp}.loadBalancer.warmupDurationSecs` is parsed and ignored by remora"
             ),
-            format!(
-                "{tp}.connectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)"
-            ),
-            format!("{tp}.outlierDetection: outlierDetection is validated but not enforced yet"),
             format!("{tp}.outlierDetection.consecutiveErrors: `consecutiveErrors` is deprecated and Istio ignores it"),
             "spec.exportTo: `spec.exportTo` is parsed and ignored by remora".to_string(),
         ] {
             assert_error(&w, &want);
         }
-        // One not-enforced warning per block.
-        assert_eq!(w.iter().filter(|x| x.contains("connectionPool limits are validated")).count(), 2, "{w:#?}");
+        assert!(!w.iter().any(|x| x.contains("not enforced")), "{w:#?}");
         assert!(errors(&dr("  trafficPolicy:\n    tls: {mode: DISABLE}\n    loadBalancer: {consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 1024}}}\n    connectionPool: {tcp: {maxConnections: 100, idleTimeout: 0s}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 3m, maxEjectionPercent: 100, splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2}\n")).is_empty());
     }
 
@@ -1958,14 +2077,6 @@ mod tests {
         assert_eq!(e.len(), 11, "{e:#?}");
         let w = rendered(&d, Severity::Warning);
         assert_error(&w, "spec.ingress[1].captureMode: `spec.ingress[1].captureMode` is parsed and ignored by remora");
-        assert_error(
-            &w,
-            "spec.ingress[3].connectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)",
-        );
-        assert_error(
-            &w,
-            "spec.inboundConnectionPool: connectionPool limits are validated but not enforced yet (connectTimeout, http.idleTimeout and h2UpgradePolicy are applied)",
-        );
     }
 
     #[test]

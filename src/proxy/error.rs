@@ -28,6 +28,11 @@ pub enum ProxyError {
     UpstreamProtocol,
     #[error("passthrough destination is this proxy's own listener")]
     PassthroughLoop,
+    #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
+    Overflow,
+    /// Retries ran out; the last attempt failed this way.
+    #[error("{0}")]
+    Exhausted(Box<ProxyError>),
     #[error("listener is no longer configured")]
     ListenerGone,
 }
@@ -46,6 +51,14 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "DPE",
             ProxyError::UpstreamProtocol => "UPE",
             ProxyError::PassthroughLoop => "NR",
+            ProxyError::Overflow => "UO",
+            ProxyError::Exhausted(inner) => match inner.flag() {
+                "UF" => "UF,URX",
+                "UC" => "UC,URX",
+                "UT" => "UT,URX",
+                "UPE" => "UPE,URX",
+                _ => "URX",
+            },
             ProxyError::ListenerGone => "NR",
         }
     }
@@ -60,7 +73,8 @@ impl ProxyError {
             ProxyError::BlackHole | ProxyError::UpstreamProtocol | ProxyError::PassthroughLoop => {
                 StatusCode::BAD_GATEWAY
             }
-            ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ListenerGone | ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Exhausted(inner) => inner.status(),
             ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
@@ -94,12 +108,16 @@ impl ProxyError {
             resp.extensions_mut().insert(ResponseFlag(flag));
             return resp;
         }
+        let overloaded = matches!(self, ProxyError::Overflow);
         let text = self.body();
         let has_text = !text.is_empty();
         let mut resp = Response::new(if has_text { body::full(text) } else { body::empty() });
         *resp.status_mut() = status;
         if has_text {
             resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        if overloaded {
+            resp.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
         }
         resp.extensions_mut().insert(ResponseFlag(flag));
         resp

@@ -15,10 +15,13 @@ use tokio::time::Instant;
 use super::error::{ProxyError, ResponseFlag};
 use crate::body::{self, Body, OnDone};
 use crate::route::matcher::query_value;
+use crate::route::retry::{Attempt, RetryPolicy};
 use crate::route::{AbortKind, Action, Fallback, Forward, RequestView, Route, WeightedCluster, roll};
 use crate::snapshot::{Listener, ListenerKind, Snapshot};
 use crate::upstream::lb::hash_bytes;
-use crate::upstream::{Cluster, EndpointState, HashSource, LbPolicy, PoolSettings, SendError, UpstreamError};
+use crate::upstream::outlier::Outcome;
+use crate::upstream::pool::{ActiveGuard, RetrySlot, Sent, TcpConnect, bump};
+use crate::upstream::{Cluster, ClusterShared, EndpointState, HashSource, LbPolicy, PoolSettings, UpstreamError};
 
 /// Envoy's request header to override the route timeout for one request.
 const TIMEOUT_OVERRIDE: HeaderName = HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
@@ -31,10 +34,6 @@ const X_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-pa
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Istio's default retry count for requests that never reached an upstream
-/// (`connect-failure`): each retry picks an endpoint again.
-const CONNECT_RETRIES: usize = 2;
-
 /// Bound on cached passthrough endpoints (ALLOW_ANY destinations).
 const MAX_PASSTHROUGH_ENDPOINTS: usize = 1024;
 
@@ -42,11 +41,17 @@ const MAX_PASSTHROUGH_ENDPOINTS: usize = 1024;
 pub struct ProxyState {
     pub snapshot: ArcSwap<Snapshot>,
     passthrough: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    /// Limits and stats of `PassthroughCluster` (ALLOW_ANY destinations).
+    passthrough_cluster: Arc<ClusterShared>,
 }
 
 impl ProxyState {
     pub fn new(snapshot: Arc<Snapshot>) -> Arc<Self> {
-        Arc::new(ProxyState { snapshot: ArcSwap::new(snapshot), passthrough: Mutex::new(HashMap::new()) })
+        Arc::new(ProxyState {
+            snapshot: ArcSwap::new(snapshot),
+            passthrough: Mutex::new(HashMap::new()),
+            passthrough_cluster: ClusterShared::new(PoolSettings::default(), None, Arc::new(TcpConnect)),
+        })
     }
 
     fn passthrough_endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
@@ -57,7 +62,7 @@ impl ProxyState {
         if map.len() >= MAX_PASSTHROUGH_ENDPOINTS {
             map.retain(|_, ep| ep.connections() > 0 || ep.active() > 0);
         }
-        let ep = EndpointState::new(addr, PoolSettings::default());
+        let ep = EndpointState::new(addr, self.passthrough_cluster.clone());
         map.insert(addr, ep.clone());
         ep
     }
@@ -71,7 +76,7 @@ pub struct ConnInfo {
 }
 
 /// Per-request facts reported once the response is ready (access log).
-struct Outcome {
+struct LogFacts {
     flags: &'static str,
     upstream: Option<SocketAddr>,
     cluster: Option<Arc<str>>,
@@ -84,7 +89,7 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
         .then(|| (Instant::now(), req.method().clone(), req.uri().path().to_string()));
     let grpc = is_grpc(req.headers());
     let snapshot = state.snapshot.load_full();
-    let mut outcome = Outcome { flags: "-", upstream: None, cluster: None };
+    let mut outcome = LogFacts { flags: "-", upstream: None, cluster: None };
     let resp = match snapshot.listener(&conn.local) {
         Some(listener) => match route_request(&state, &snapshot, listener, conn, req, &mut outcome).await {
             Ok(resp) => resp,
@@ -126,7 +131,7 @@ async fn route_request(
     listener: &Listener,
     conn: ConnInfo,
     req: Request<Incoming>,
-    outcome: &mut Outcome,
+    outcome: &mut LogFacts,
 ) -> Result<Response<Body>, ProxyError> {
     let authority = authority_of(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
     let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
@@ -189,7 +194,7 @@ async fn forward(
     scheme: &str,
     path: &str,
     query: Option<&str>,
-    outcome: &mut Outcome,
+    outcome: &mut LogFacts,
 ) -> Result<Response<Body>, ProxyError> {
     let grpc = is_grpc(req.headers());
     if let Some(fault) = &route.fault {
@@ -217,7 +222,8 @@ async fn forward(
     let cluster = &dest.cluster;
     outcome.cluster = Some(cluster.name.clone());
 
-    let timeout = timeout_for(route, req.headers());
+    // The route timeout starts after any injected delay, as in Envoy.
+    let deadline = timeout_for(route, req.headers()).map(|t| Instant::now() + t);
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let head = req.method() == Method::HEAD;
     let (hash, set_cookie) = hash_key(&cluster.lb, &req, conn.peer.ip(), query);
@@ -243,17 +249,35 @@ async fn forward(
             parts.headers.insert(X_ORIGINAL_PATH, v);
         }
     }
-    let req = Request::from_parts(parts, body::boxed(body));
-    let sent = send_with_retries(cluster, hash, req, &upstream_authority, &upstream_path, query, timeout).await;
-    let (resp, endpoint, guard, elapsed) = match sent {
+
+    // http2MaxRequests: admitted for the whole exchange, retries included.
+    let slot = cluster.shared().admit().map_err(|_| ProxyError::Overflow)?;
+    // An upgraded connection is never retried: its bytes are the tunnel's.
+    let policy = if upgrade.is_some() { None } else { route.retry.as_ref() };
+    let needs_copy = policy.is_some_and(RetryPolicy::needs_replay) || !route.mirrors.is_empty();
+    let mut source = BodySource::new(body::boxed(body), needs_copy);
+    let target = Target { authority: &upstream_authority, path: &upstream_path, query };
+    for m in &route.mirrors {
+        if roll(m.percent) {
+            spawn_mirror(m.cluster.clone(), &parts, &target, &source);
+        }
+    }
+    let started = Instant::now();
+    let exchange = Exchange { cluster, policy, hash, template: &parts, target, deadline };
+    let done = exchange.run(&mut source, parts.method.clone()).await;
+    let (sent, endpoint, guard, urx) = match done {
         Ok(x) => x,
         Err((e, endpoint)) => {
             outcome.upstream = endpoint;
             return Err(e);
         }
     };
+    if urx {
+        outcome.flags = "URX";
+    }
+    let elapsed = started.elapsed();
     outcome.upstream = Some(endpoint);
-    let mut resp = resp;
+    let mut resp = sent.response;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         let Some(client_upgrade) = upgrade else {
@@ -272,16 +296,23 @@ async fn forward(
     if let Some(cookie) = set_cookie {
         rparts.headers.append(header::SET_COOKIE, cookie);
     }
+    if urx {
+        rparts.extensions.insert(ResponseFlag("URX"));
+    }
+    // Everything that counts this request (endpoint in-flight count, the
+    // HTTP/2 stream, the cluster's active requests) is released when the
+    // response body has been streamed.
+    let release = (guard, sent.stream, slot);
     // A response to HEAD has no content (RFC 9110 §9.3.2), whatever the
     // upstream sends: some HTTP/2 servers send DATA anyway, which the h2
     // client rejects as malformed, and forwarding that would reset the
     // client's stream after the headers were ready.
     let body = if head {
         drop(rbody);
-        drop(guard);
+        drop(release);
         body::empty()
     } else {
-        body::boxed(OnDone::new(rbody, move || drop(guard)))
+        body::boxed(OnDone::new(rbody, move || drop(release)))
     };
     Ok(Response::from_parts(rparts, body))
 }
@@ -437,29 +468,29 @@ pub fn uuid_v4() -> String {
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
+/// Where a request goes upstream: authority (Host) and path after rewrites.
+struct Target<'a> {
+    authority: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
 /// Builds the upstream request for one attempt: protocol version, URI form and
-/// Host for the endpoint's protocol.
-fn finish_request(
-    mut req: Request<Body>,
-    ep: &EndpointState,
-    authority: &str,
-    path: &str,
-    query: Option<&str>,
-    attempt: usize,
-) -> Request<Body> {
-    let pq = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
+/// Host for the endpoint's protocol, and the attempt count.
+fn finish_request(mut req: Request<Body>, ep: &EndpointState, t: &Target<'_>, attempt: u32) -> Request<Body> {
+    let pq = match t.query {
+        Some(q) => format!("{}?{q}", t.path),
+        None => t.path.to_string(),
     };
     let h2 = ep.settings().protocol == crate::upstream::Protocol::Http2;
     if h2 {
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().remove(header::HOST);
-        let uri = format!("http://{authority}{pq}");
+        let uri = format!("http://{}{pq}", t.authority);
         *req.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::from_static("/"));
     } else {
         *req.version_mut() = Version::HTTP_11;
-        if let Ok(v) = HeaderValue::from_str(authority) {
+        if let Ok(v) = HeaderValue::from_str(t.authority) {
             req.headers_mut().insert(header::HOST, v);
         }
         *req.uri_mut() = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
@@ -468,63 +499,312 @@ fn finish_request(
     req
 }
 
-type Sent = (Response<Incoming>, SocketAddr, crate::upstream::pool::ActiveGuard, Duration);
-
-/// Sends to an endpoint of `cluster`, re-picking on connect failures (the
-/// request never left the proxy, so this is safe for any method), within the
-/// route timeout.
-async fn send_with_retries(
-    cluster: &Cluster,
-    hash: Option<u64>,
-    req: Request<Body>,
-    authority: &str,
-    path: &str,
-    query: Option<&str>,
-    timeout: Option<Duration>,
-) -> Result<Sent, (ProxyError, Option<SocketAddr>)> {
-    let started = Instant::now();
-    let attempts = async {
-        let mut req = req;
-        let mut last_addr = None;
-        for attempt in 1..=CONNECT_RETRIES + 1 {
-            let Some(ep) = cluster.pick(hash) else {
-                return Err((ProxyError::NoHealthyUpstream, last_addr));
-            };
-            last_addr = Some(ep.addr);
-            let guard = ep.begin_request();
-            let r = finish_request(req, &ep, authority, path, query, attempt);
-            match ep.send(r).await {
-                Ok(resp) => return Ok((resp, ep.addr, guard)),
-                Err(SendError { error, request }) => {
-                    tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, %error, attempt, "upstream request failed");
-                    match (error.is_connect_failure(), request) {
-                        (true, Some(back)) if attempt <= CONNECT_RETRIES => req = back,
-                        (true, _) => return Err((ProxyError::ConnectFailure, last_addr)),
-                        (false, _) => return Err((map_upstream_error(&error), last_addr)),
-                    }
-                }
-            }
-        }
-        Err((ProxyError::ConnectFailure, last_addr))
-    };
-    let result = match timeout {
-        Some(t) => match tokio::time::timeout(t, attempts).await {
-            Ok(r) => r,
-            Err(_) => Err((ProxyError::Timeout, None)),
-        },
-        None => attempts.await,
-    };
-    result.map(|(resp, addr, guard)| (resp, addr, guard, started.elapsed()))
+/// A request body that may have to be sent more than once.
+enum BodySource {
+    /// No body: every attempt sends an empty one.
+    Empty,
+    /// Sent once; a retry is possible only while it has not been sent.
+    Once(Option<Body>),
+    /// Recorded up to [`body::REPLAY_LIMIT`] for retries and mirrors.
+    Recorded(body::Recorder),
 }
 
-fn map_upstream_error(e: &UpstreamError) -> ProxyError {
+impl BodySource {
+    fn new(b: Body, copy: bool) -> Self {
+        if http_body::Body::is_end_stream(&b) {
+            BodySource::Empty
+        } else if copy {
+            BodySource::Recorded(body::Recorder::new(b))
+        } else {
+            BodySource::Once(Some(b))
+        }
+    }
+
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            BodySource::Empty => Some(body::empty()),
+            BodySource::Once(b) => b.take(),
+            BodySource::Recorded(r) => Some(r.body()),
+        }
+    }
+
+    fn can_replay(&self) -> bool {
+        match self {
+            BodySource::Empty => true,
+            BodySource::Once(b) => b.is_some(),
+            BodySource::Recorded(r) => r.can_replay(),
+        }
+    }
+}
+
+type Exchanged = (Sent, SocketAddr, ActiveGuard, bool);
+
+/// One request's attempts against a cluster: endpoint picks, per-try and
+/// route timeouts, retries with backoff, outlier-detection accounting.
+struct Exchange<'a> {
+    cluster: &'a Cluster,
+    policy: Option<&'a RetryPolicy>,
+    hash: Option<u64>,
+    template: &'a http::request::Parts,
+    target: Target<'a>,
+    deadline: Option<Instant>,
+}
+
+enum Failure {
+    Upstream(UpstreamError),
+    PerTryTimeout,
+    RouteTimeout,
+}
+
+impl Exchange<'_> {
+    fn request(&self, method: &Method, body: Body) -> Request<Body> {
+        let mut r = Request::new(body);
+        *r.method_mut() = method.clone();
+        *r.headers_mut() = self.template.headers.clone();
+        r
+    }
+
+    /// Runs attempts until one gives a response to return or a failure that
+    /// is not retried. The flag is true when retries ran out on a retriable
+    /// outcome (Envoy's `URX`).
+    async fn run(
+        &self,
+        source: &mut BodySource,
+        method: Method,
+    ) -> Result<Exchanged, (ProxyError, Option<SocketAddr>)> {
+        let shared = self.cluster.shared();
+        let stats = &shared.stats;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut handed_back: Option<Request<Body>> = None;
+        let mut _retry_slot: Option<RetrySlot> = None;
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let avoid: &[SocketAddr] = if self.policy.is_some_and(|p| p.avoid_previous_hosts) { &tried } else { &[] };
+            let Some(ep) = self.cluster.pick(self.hash, avoid) else {
+                return Err((ProxyError::NoHealthyUpstream, tried.last().copied()));
+            };
+            tried.push(ep.addr);
+            let guard = ep.begin_request();
+            let req = match handed_back.take() {
+                Some(r) => r,
+                None => match source.take() {
+                    Some(b) => self.request(&method, b),
+                    None => return Err((ProxyError::ConnectFailure, Some(ep.addr))),
+                },
+            };
+            let req = finish_request(req, &ep, &self.target, attempt);
+            let per_try = self.policy.and_then(|p| p.per_try_timeout).map(|t| Instant::now() + t);
+            let limit = match (per_try, self.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let result = match limit {
+                Some(at) => match tokio::time::timeout_at(at, ep.send(req)).await {
+                    Ok(r) => r.map_err(|e| (Failure::Upstream(e.error), e.request)),
+                    Err(_) if self.deadline.is_some_and(|d| at >= d) => Err((Failure::RouteTimeout, None)),
+                    Err(_) => Err((Failure::PerTryTimeout, None)),
+                },
+                None => ep.send(req).await.map_err(|e| (Failure::Upstream(e.error), e.request)),
+            };
+            let hosts = self.cluster.endpoints().len();
+            let detector = shared.detector.as_ref();
+            let record = |o: Outcome| {
+                if let Some(d) = detector {
+                    d.record(ep.as_ref(), o, hosts, Instant::now());
+                }
+            };
+            let (attempt_kind, error) = match result {
+                Ok(sent) => {
+                    let status = sent.response.status().as_u16();
+                    record(Outcome::Response(status));
+                    let kind = Attempt::Response { status, headers: sent.response.headers() };
+                    let retriable = self.policy.is_some_and(|p| p.retriable(kind));
+                    if !retriable {
+                        if attempt > 1 {
+                            bump(&stats.upstream_rq_retry_success);
+                        }
+                        return Ok((sent, ep.addr, guard, false));
+                    }
+                    if !self.may_retry(attempt, source) {
+                        return Ok((sent, ep.addr, guard, self.exhausted(attempt)));
+                    }
+                    match shared.begin_retry() {
+                        Some(slot) => _retry_slot = Some(slot),
+                        None => return Ok((sent, ep.addr, guard, false)),
+                    }
+                    drop(sent);
+                    drop(guard);
+                    if !self.backoff(attempt).await {
+                        bump(&stats.upstream_rq_timeout);
+                        return Err((ProxyError::Timeout, Some(ep.addr)));
+                    }
+                    continue;
+                }
+                Err((Failure::Upstream(UpstreamError::Overflow(_)), _)) => {
+                    // Overflows are the proxy's own limits: never retried and
+                    // never held against the endpoint.
+                    return Err((ProxyError::Overflow, Some(ep.addr)));
+                }
+                Err((Failure::RouteTimeout, _)) => {
+                    record(Outcome::Timeout);
+                    bump(&stats.upstream_rq_timeout);
+                    return Err((ProxyError::Timeout, Some(ep.addr)));
+                }
+                Err((Failure::PerTryTimeout, _)) => {
+                    record(Outcome::Timeout);
+                    bump(&stats.upstream_rq_per_try_timeout);
+                    (Attempt::PerTryTimeout, ProxyError::Timeout)
+                }
+                Err((Failure::Upstream(e), back)) => {
+                    let (kind, outlier, err) = classify(&e, back.is_some());
+                    tracing::debug!(cluster = %self.cluster.name, endpoint = %ep.addr, error = %e, attempt, "upstream attempt failed");
+                    record(outlier);
+                    handed_back = back;
+                    (kind, err)
+                }
+            };
+            drop(guard);
+            let retriable = self.policy.is_some_and(|p| p.retriable(attempt_kind));
+            if !retriable {
+                return Err((error, Some(ep.addr)));
+            }
+            let replayable = handed_back.is_some() || source.can_replay();
+            if !replayable || !self.may_retry_count(attempt) {
+                let err = if self.exhausted(attempt) { ProxyError::Exhausted(Box::new(error)) } else { error };
+                return Err((err, Some(ep.addr)));
+            }
+            match shared.begin_retry() {
+                Some(slot) => _retry_slot = Some(slot),
+                None => return Err((error, Some(ep.addr))),
+            }
+            if !self.backoff(attempt).await {
+                bump(&stats.upstream_rq_timeout);
+                return Err((ProxyError::Timeout, Some(ep.addr)));
+            }
+        }
+    }
+
+    fn may_retry_count(&self, attempt: u32) -> bool {
+        self.policy.is_some_and(|p| attempt <= p.retries)
+    }
+
+    fn may_retry(&self, attempt: u32, source: &BodySource) -> bool {
+        self.may_retry_count(attempt) && source.can_replay()
+    }
+
+    /// Retries ran out on a retriable outcome: counted, and flagged `URX`.
+    fn exhausted(&self, attempt: u32) -> bool {
+        let out = self.policy.is_some_and(|p| attempt > p.retries);
+        if out {
+            bump(&self.cluster.shared().stats.upstream_rq_retry_limit_exceeded);
+        }
+        out
+    }
+
+    /// Waits the jittered backoff before retry `attempt`; false if the route
+    /// timeout expires first.
+    async fn backoff(&self, attempt: u32) -> bool {
+        let Some(p) = self.policy else { return true };
+        let wake = Instant::now() + p.backoff(attempt);
+        match self.deadline {
+            Some(d) if d <= wake => {
+                tokio::time::sleep_until(d).await;
+                false
+            }
+            _ => {
+                tokio::time::sleep_until(wake).await;
+                true
+            }
+        }
+    }
+}
+
+/// How a failed send counts: for the retry decision, for outlier detection,
+/// and as the error answered if it is final.
+fn classify(e: &UpstreamError, handed_back: bool) -> (Attempt<'static>, Outcome, ProxyError) {
     match e {
         UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_) | UpstreamError::Handshake(_) => {
-            ProxyError::ConnectFailure
+            (Attempt::ConnectFailure, Outcome::ConnectFailure, ProxyError::ConnectFailure)
         }
-        UpstreamError::Terminated(err) if err.is_parse() => ProxyError::UpstreamProtocol,
-        UpstreamError::Terminated(_) => ProxyError::ConnectionTermination,
+        _ if handed_back => (Attempt::ResetBeforeRequest, Outcome::Reset, ProxyError::ConnectionTermination),
+        _ if e.is_refused_stream() => (Attempt::RefusedStream, Outcome::Reset, ProxyError::ConnectionTermination),
+        UpstreamError::Terminated(err) if err.is_parse() => {
+            (Attempt::Reset, Outcome::Reset, ProxyError::UpstreamProtocol)
+        }
+        _ => (Attempt::Reset, Outcome::Reset, ProxyError::ConnectionTermination),
     }
+}
+
+/// Host of a mirrored request: `-shadow` appended to the host part, as Envoy.
+fn shadow_authority(authority: &str) -> String {
+    let host = crate::route::strip_port(authority);
+    if host.len() == authority.len() || authority.starts_with('[') {
+        return format!("{authority}-shadow");
+    }
+    format!("{host}-shadow{}", &authority[host.len()..])
+}
+
+/// Bound on a mirrored request, so a slow mirror cannot pile up work.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Fire-and-forget copy of a request to a mirror cluster. The primary never
+/// waits for it; its response is read and discarded. A body larger than the
+/// replay limit is not mirrored.
+fn spawn_mirror(cluster: Arc<Cluster>, parts: &http::request::Parts, t: &Target<'_>, source: &BodySource) {
+    let body = match source {
+        BodySource::Empty => MirrorBody::Empty,
+        BodySource::Recorded(r) => MirrorBody::Recorded(r.clone()),
+        BodySource::Once(_) => {
+            bump(&cluster.shared().stats.upstream_rq_mirror_dropped);
+            return;
+        }
+    };
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    let (authority, path, query) = (shadow_authority(t.authority), t.path.to_string(), t.query.map(str::to_string));
+    tokio::spawn(async move {
+        let stats = &cluster.shared().stats;
+        let Ok(_slot) = cluster.shared().admit() else {
+            bump(&stats.upstream_rq_mirror_dropped);
+            return;
+        };
+        let body = match body {
+            MirrorBody::Empty => body::empty(),
+            MirrorBody::Recorded(r) => match r.complete_body(MIRROR_TIMEOUT).await {
+                Some(b) => b,
+                None => {
+                    bump(&stats.upstream_rq_mirror_dropped);
+                    return;
+                }
+            },
+        };
+        let Some(ep) = cluster.pick(None, &[]) else {
+            bump(&stats.upstream_rq_mirror_dropped);
+            return;
+        };
+        let _guard = ep.begin_request();
+        let target = Target { authority: &authority, path: &path, query: query.as_deref() };
+        let (head, ()) = req.into_parts();
+        let req = finish_request(Request::from_parts(head, body), &ep, &target, 1);
+        bump(&stats.upstream_rq_mirror);
+        let drained = tokio::time::timeout(MIRROR_TIMEOUT, async {
+            if let Ok(sent) = ep.send(req).await {
+                let mut b = sent.response.into_body();
+                while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut b).await {}
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!(cluster = %cluster.name, "mirrored request timed out");
+        }
+    });
+}
+
+enum MirrorBody {
+    Empty,
+    Recorded(body::Recorder),
 }
 
 /// `ALLOW_ANY`: an unknown Host is forwarded to that host as given (the
@@ -535,7 +815,7 @@ async fn passthrough(
     conn: ConnInfo,
     req: Request<Incoming>,
     authority: &str,
-    outcome: &mut Outcome,
+    outcome: &mut LogFacts,
 ) -> Result<Response<Body>, ProxyError> {
     outcome.cluster = Some(Arc::from("PassthroughCluster"));
     let host = crate::route::strip_port(authority).to_string();
@@ -563,11 +843,12 @@ async fn passthrough(
     let query = req.uri().query().map(str::to_string);
     let (mut parts, body) = req.into_parts();
     prepare_request_headers(&mut parts.headers, conn, ListenerKind::SidecarEgress, &scheme, upgrade.is_some());
-    let r = finish_request(Request::from_parts(parts, body::boxed(body)), &ep, authority, &path, query.as_deref(), 1);
+    let target = Target { authority, path: &path, query: query.as_deref() };
+    let r = finish_request(Request::from_parts(parts, body::boxed(body)), &ep, &target, 1);
     let started = Instant::now();
-    let mut resp = match ep.send(r).await {
-        Ok(resp) => resp,
-        Err(e) => return Err(map_upstream_error(&e.error)),
+    let Sent { response: mut resp, stream } = match ep.send(r).await {
+        Ok(sent) => sent,
+        Err(e) => return Err(classify(&e.error, e.request.is_some()).2),
     };
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
@@ -580,7 +861,8 @@ async fn passthrough(
     if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
         rparts.headers.insert(X_SERVICE_TIME, v);
     }
-    Ok(Response::from_parts(rparts, body::boxed(OnDone::new(rbody, move || drop(guard)))))
+    let release = (guard, stream);
+    Ok(Response::from_parts(rparts, body::boxed(OnDone::new(rbody, move || drop(release)))))
 }
 
 fn points_at_listener(target: SocketAddr, listener: SocketAddr) -> bool {

@@ -4,6 +4,7 @@
 //! allocates nothing on the common path.
 
 pub mod matcher;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -140,6 +141,17 @@ pub struct Route {
     pub rewrite: Option<Rewrite>,
     pub timeout: Option<Duration>,
     pub fault: Option<Fault>,
+    /// `None`: retries disabled (`attempts: 0`).
+    pub retry: Option<retry::RetryPolicy>,
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A shadow copy of matching requests to another cluster.
+#[derive(Debug)]
+pub struct Mirror {
+    pub cluster: Arc<Cluster>,
+    /// 0..=100.
+    pub percent: f64,
 }
 
 #[derive(Debug)]

@@ -119,6 +119,44 @@ impl EndpointSet {
     }
 }
 
+impl EndpointSet {
+    /// A pick among endpoints that satisfy `ok` (slow path: ejected hosts or
+    /// hosts a retry avoids). Consistent hashing walks the ring from the
+    /// request's point to the next acceptable endpoint; other policies pick by
+    /// weight among the acceptable ones.
+    pub fn pick_filtered(
+        &self,
+        policy: &LbPolicy,
+        hash: Option<u64>,
+        ok: impl Fn(&EndpointState) -> bool,
+    ) -> Option<Arc<EndpointState>> {
+        if let (LbPolicy::ConsistentHash { .. }, Some(h), false) = (policy, hash, self.ring.is_empty()) {
+            let start = self.ring.partition_point(|(k, _)| *k < h);
+            for i in 0..self.ring.len() {
+                let idx = self.ring[(start + i) % self.ring.len()].1 as usize;
+                if ok(&self.endpoints[idx].state) {
+                    return Some(self.endpoints[idx].state.clone());
+                }
+            }
+            return None;
+        }
+        let candidates: Vec<&Endpoint> = self.endpoints.iter().filter(|e| ok(&e.state)).collect();
+        let total: u64 = candidates.iter().map(|e| u64::from(e.weight.max(1))).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut r = fastrand::u64(0..total);
+        for e in &candidates {
+            let w = u64::from(e.weight.max(1));
+            if r < w {
+                return Some(e.state.clone());
+            }
+            r -= w;
+        }
+        None
+    }
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }

@@ -19,7 +19,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 pub use lb::{HashSource, LbPolicy};
-pub use pool::{EndpointState, PoolSettings, Protocol, SendError, UpstreamError};
+pub use outlier::OutlierConfig;
+pub use pool::{ClusterShared, EndpointState, PoolSettings, Protocol, SendError, UpstreamError};
 
 /// Identity of a cluster, after Istio's naming (`outbound|9080|v1|reviews.default.svc.cluster.local`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -85,6 +86,7 @@ pub struct Cluster {
     pub name: Arc<str>,
     pub lb: LbPolicy,
     pub settings: PoolSettings,
+    pub outlier: Option<OutlierConfig>,
     pub discovery: Discovery,
     /// Subset label selector, applied to resolved endpoints.
     pub selector: BTreeMap<String, String>,
@@ -117,7 +119,7 @@ impl Cluster {
             .iter()
             .filter(|s| self.selector.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
             .map(|s| Endpoint {
-                state: self.state.endpoint(s.addr, self.settings),
+                state: self.state.endpoint(s.addr),
                 weight: s.weight.max(1),
                 labels: Arc::new(s.labels.clone()),
             })
@@ -126,9 +128,27 @@ impl Cluster {
     }
 
     /// Picks an endpoint for a request; `hash` is the request's consistent-hash
-    /// key when the policy uses one. `None` when the cluster has no endpoint.
-    pub fn pick(&self, hash: Option<u64>) -> Option<Arc<EndpointState>> {
-        self.endpoints.load().pick(&self.lb, hash, &self.state.rr)
+    /// key when the policy uses one. Ejected endpoints are skipped (unless the
+    /// cluster is in panic mode), and so are `avoid` (hosts a retry already
+    /// tried) while others remain. `None` when no endpoint is available.
+    pub fn pick(&self, hash: Option<u64>, avoid: &[SocketAddr]) -> Option<Arc<EndpointState>> {
+        let set = self.endpoints.load();
+        let panic = self.state.shared.detector.as_ref().is_some_and(|d| d.panic(set.len()));
+        let healthy = |e: &EndpointState| panic || !e.is_ejected();
+        // Envoy's host-selection retry: re-pick a few times before filtering.
+        for _ in 0..HOST_SELECTION_ATTEMPTS {
+            let ep = set.pick(&self.lb, hash, &self.state.rr)?;
+            if healthy(&ep) && !avoid.contains(&ep.addr) {
+                return Some(ep);
+            }
+        }
+        set.pick_filtered(&self.lb, hash, |e| healthy(e) && !avoid.contains(&e.addr))
+            .or_else(|| set.pick_filtered(&self.lb, hash, healthy))
+    }
+
+    /// The stats, limits and detector shared by this cluster's endpoints.
+    pub fn shared(&self) -> &Arc<ClusterShared> {
+        &self.state.shared
     }
 
     pub fn state(&self) -> &Arc<ClusterState> {
@@ -136,23 +156,45 @@ impl Cluster {
     }
 }
 
+/// Re-picks before falling back to filtering the endpoint list (Envoy's
+/// `host_selection_retry_max_attempts`, which Istio sets to 5).
+const HOST_SELECTION_ATTEMPTS: usize = 5;
+
 /// Runtime state shared by every snapshot's copy of one cluster.
-#[derive(Default)]
 pub struct ClusterState {
+    pub shared: Arc<ClusterShared>,
     endpoints: Mutex<HashMap<SocketAddr, Weak<EndpointState>>>,
     rr: AtomicUsize,
 }
 
+impl AsRef<outlier::Detector> for ClusterState {
+    fn as_ref(&self) -> &outlier::Detector {
+        // Only clusters with a detector run a sweeper.
+        self.shared.detector.as_ref().unwrap_or(&NO_DETECTOR)
+    }
+}
+
+static NO_DETECTOR: std::sync::LazyLock<outlier::Detector> =
+    std::sync::LazyLock::new(|| outlier::Detector::new(OutlierConfig::default()));
+
 impl ClusterState {
-    fn endpoint(&self, addr: SocketAddr, settings: PoolSettings) -> Arc<EndpointState> {
+    fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ep) = map.get(&addr).and_then(Weak::upgrade) {
             return ep;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let ep = EndpointState::new(addr, settings);
+        let ep = EndpointState::new(addr, self.shared.clone());
         map.insert(addr, Arc::downgrade(&ep));
         ep
+    }
+
+    /// Endpoints alive in some snapshot.
+    pub fn live_endpoints(&self) -> Vec<Arc<EndpointState>> {
+        let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = map.values().filter_map(Weak::upgrade).collect();
+        v.sort_by_key(|e| e.addr);
+        v
     }
 
     /// Position of the round-robin cursor (diagnostics).
@@ -163,9 +205,13 @@ impl ClusterState {
 
 /// Hands out [`ClusterState`] by cluster identity so that state outlives any one
 /// snapshot. Entries die with the last snapshot that uses them.
+/// Runtime state is shared only between clusters with the same identity and
+/// the same pool and outlier settings.
+type StateKey = (ClusterKey, PoolSettings, Option<OutlierConfig>);
+
 #[derive(Default)]
 pub struct Registry {
-    states: Mutex<HashMap<(ClusterKey, PoolSettings), Weak<ClusterState>>>,
+    states: Mutex<HashMap<StateKey, Weak<ClusterState>>>,
 }
 
 /// What the compiler knows about a cluster before runtime state is attached.
@@ -174,6 +220,7 @@ pub struct ClusterSpec {
     pub key: ClusterKey,
     pub lb: LbPolicy,
     pub settings: PoolSettings,
+    pub outlier: Option<OutlierConfig>,
     pub discovery: Discovery,
     pub selector: BTreeMap<String, String>,
     pub endpoints: Vec<EndpointSpec>,
@@ -186,17 +233,27 @@ impl Registry {
     }
 
     /// Builds a cluster for a snapshot, reusing the runtime state of the same
-    /// cluster in earlier snapshots when its protocol and pool settings are
-    /// unchanged (changed settings start with fresh pools).
+    /// cluster in earlier snapshots when its pool and outlier settings are
+    /// unchanged (changed settings start with fresh pools and counters).
     pub fn build(&self, spec: ClusterSpec) -> Arc<Cluster> {
         let state = {
             let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-            let id = (spec.key.clone(), spec.settings);
+            let id = (spec.key.clone(), spec.settings, spec.outlier);
             match states.get(&id).and_then(Weak::upgrade) {
                 Some(s) => s,
                 None => {
                     states.retain(|_, w| w.strong_count() > 0);
-                    let s = Arc::new(ClusterState::default());
+                    let detector = spec.outlier.map(outlier::Detector::new);
+                    let s = Arc::new(ClusterState {
+                        shared: ClusterShared::new(spec.settings, detector, Arc::new(pool::TcpConnect)),
+                        endpoints: Mutex::new(HashMap::new()),
+                        rr: AtomicUsize::new(0),
+                    });
+                    if let (Some(cfg), Ok(_)) = (spec.outlier, tokio::runtime::Handle::try_current()) {
+                        outlier::spawn_sweeper(Arc::downgrade(&s), cfg.interval, |st: &ClusterState| {
+                            st.live_endpoints().into_iter().map(|e| e as Arc<dyn outlier::Monitored>).collect()
+                        });
+                    }
                     states.insert(id, Arc::downgrade(&s));
                     s
                 }
@@ -207,6 +264,7 @@ impl Registry {
             key: spec.key,
             lb: spec.lb,
             settings: spec.settings,
+            outlier: spec.outlier,
             discovery: spec.discovery,
             selector: spec.selector,
             policy_json: spec.policy_json,

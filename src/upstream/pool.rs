@@ -1,27 +1,41 @@
-//! Per-endpoint upstream connections over hyper's connection-level client.
+//! Per-endpoint upstream connections over hyper's connection-level client,
+//! with Envoy's circuit-breaking model.
 //!
-//! HTTP/1.1 endpoints keep a LIFO stack of idle keep-alive connections; a
-//! connection returns to the stack once hyper reports it ready for the next
-//! request (i.e. the previous response body was fully read). HTTP/2 (h2c)
-//! endpoints share one multiplexed connection, re-established when it closes.
+//! Limits are per cluster and per proxy ([`ClusterShared`]): open connections
+//! (`maxConnections`), requests waiting for a connection (`http1MaxPendingRequests`),
+//! active requests (`http2MaxRequests`, checked by the caller at admission),
+//! concurrent retries (`maxRetries`). A request that finds no idle connection
+//! and no room for a new one waits in the endpoint's pending queue; if the
+//! queue is full it fails at once with an overflow, which the proxy answers
+//! with 503 `UO` and never retries.
 //!
-//! A request sent on a reused connection that turns out to be dead before any
-//! byte of the request was written is re-sent on another connection: hyper
-//! hands the untouched request back (`try_send_request`), so this is safe for
-//! every method, with or without a body.
+//! HTTP/1.1 connections sit in a LIFO idle stack and return to it (or go
+//! straight to a waiting request) once hyper reports them ready again. HTTP/2
+//! connections carry up to `maxConcurrentStreams` requests each. A connection
+//! is retired after `maxRequestsPerConnection` requests or once older than
+//! `maxConnectionDuration`, and closed after `idleTimeout` unused.
+//!
+//! Every slot (connection reservation, stream, pending place) is released by a
+//! `Drop` impl, so a cancelled request never leaks capacity. No lock is held
+//! across an await.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::outlier::{Detector, HostMonitor, Monitored};
 use crate::body::Body;
 
 /// Idle keep-alive connections are closed after this long unused. It sits below
@@ -32,6 +46,13 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Istio's mesh-wide default `connectTimeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Istio sets every circuit-breaker threshold to 2^32−1: unset means unlimited.
+pub const UNLIMITED: usize = u32::MAX as usize;
+
+/// HTTP/2 streams per upstream connection when `maxConcurrentStreams` is unset
+/// (the peer's own SETTINGS still apply underneath).
+pub const DEFAULT_MAX_STREAMS: usize = 1024;
 
 /// Bound on idle HTTP/1.1 connections kept per endpoint, so a burst does not
 /// leave thousands of sockets open until they expire.
@@ -48,11 +69,29 @@ pub enum Protocol {
     Http2,
 }
 
+/// TCP keepalive probes (`tcp.tcpKeepalive`); unset fields keep the OS default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Keepalive {
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub probes: Option<u32>,
+}
+
+/// A cluster's connection-pool policy (DestinationRule `connectionPool`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PoolSettings {
     pub protocol: Protocol,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_pending: usize,
+    pub max_requests: usize,
+    pub max_retries: usize,
+    /// 0 = unlimited; 1 disables keep-alive.
+    pub max_requests_per_connection: u32,
+    pub max_connection_duration: Option<Duration>,
+    pub keepalive: Option<Keepalive>,
+    pub max_concurrent_streams: usize,
 }
 
 impl Default for PoolSettings {
@@ -61,8 +100,25 @@ impl Default for PoolSettings {
             protocol: Protocol::Http1,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: UNLIMITED,
+            max_pending: UNLIMITED,
+            max_requests: UNLIMITED,
+            max_retries: UNLIMITED,
+            max_requests_per_connection: 0,
+            max_connection_duration: None,
+            keepalive: None,
+            max_concurrent_streams: DEFAULT_MAX_STREAMS,
         }
     }
+}
+
+/// Which circuit-breaker limit a request overflowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// The pending queue was full (`http1MaxPendingRequests`).
+    Pending,
+    /// Too many active requests (`http2MaxRequests`).
+    Requests,
 }
 
 /// Why an upstream request failed. The proxy maps these to response flags.
@@ -77,13 +133,26 @@ pub enum UpstreamError {
     /// The connection closed or reset before a response arrived.
     #[error("connection termination: {0}")]
     Terminated(hyper::Error),
+    #[error("circuit breaker overflow: {0:?}")]
+    Overflow(Overflow),
 }
 
 impl UpstreamError {
-    /// True when the request never left the proxy, so sending it elsewhere is
-    /// safe whatever its method.
+    /// True when the request never left the proxy because no connection could
+    /// be made.
     pub fn is_connect_failure(&self) -> bool {
         matches!(self, UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_) | UpstreamError::Handshake(_))
+    }
+
+    /// HTTP/2 REFUSED_STREAM: the server did not process the request.
+    pub fn is_refused_stream(&self) -> bool {
+        match self {
+            UpstreamError::Terminated(e) => std::error::Error::source(e)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .and_then(h2::Error::reason)
+                .is_some_and(|r| r == h2::Reason::REFUSED_STREAM),
+            _ => false,
+        }
     }
 }
 
@@ -93,21 +162,232 @@ pub struct SendError {
     pub request: Option<Request<Body>>,
 }
 
+// === counters ===
+
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Default)]
+        pub struct $name { $($(#[$fm])* pub $field: AtomicU64,)* }
+        impl $name {
+            /// `(envoy stat name, value)` pairs.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Per-cluster statistics, named after Envoy's cluster stats.
+    ClusterStats {
+        upstream_rq_total,
+        upstream_rq_pending_total,
+        upstream_rq_pending_overflow,
+        upstream_rq_active_overflow,
+        upstream_cx_total,
+        upstream_cx_overflow,
+        upstream_cx_connect_fail,
+        upstream_cx_connect_timeout,
+        upstream_cx_max_requests,
+        upstream_cx_max_duration_reached,
+        upstream_cx_idle_timeout,
+        upstream_rq_retry,
+        upstream_rq_retry_success,
+        upstream_rq_retry_overflow,
+        upstream_rq_retry_limit_exceeded,
+        upstream_rq_timeout,
+        upstream_rq_per_try_timeout,
+        upstream_rq_mirror,
+        upstream_rq_mirror_dropped,
+    }
+}
+
+pub fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Opens transport connections to endpoints. The default is plain TCP;
+/// tests substitute in-memory pipes.
+pub trait Connect: Send + Sync {
+    fn connect(
+        &self,
+        addr: SocketAddr,
+        settings: &PoolSettings,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send>>;
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+pub type BoxIo = Box<dyn Io>;
+
+/// Plain TCP with `TCP_NODELAY` and the configured keepalive.
+pub struct TcpConnect;
+
+impl Connect for TcpConnect {
+    fn connect(
+        &self,
+        addr: SocketAddr,
+        settings: &PoolSettings,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send>> {
+        let keepalive = settings.keepalive;
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            let _ = stream.set_nodelay(true);
+            if let Some(k) = keepalive {
+                let mut ka = socket2::TcpKeepalive::new();
+                if let Some(t) = k.time {
+                    ka = ka.with_time(t);
+                }
+                if let Some(i) = k.interval {
+                    ka = ka.with_interval(i);
+                }
+                if let Some(p) = k.probes {
+                    ka = ka.with_retries(p);
+                }
+                if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka) {
+                    tracing::debug!(%addr, error = %e, "cannot set TCP keepalive");
+                }
+            }
+            Ok(Box::new(stream) as BoxIo)
+        })
+    }
+}
+
+/// State shared by all endpoints of one cluster: limits, counters, stats and
+/// the outlier detector.
+pub struct ClusterShared {
+    pub settings: PoolSettings,
+    pub connections: AtomicUsize,
+    pub pending: AtomicUsize,
+    pub active_requests: AtomicUsize,
+    pub active_retries: AtomicUsize,
+    pub stats: ClusterStats,
+    pub detector: Option<Detector>,
+    connector: Arc<dyn Connect>,
+}
+
+impl std::fmt::Debug for ClusterShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterShared").field("settings", &self.settings).finish()
+    }
+}
+
+impl ClusterShared {
+    pub fn new(settings: PoolSettings, detector: Option<Detector>, connector: Arc<dyn Connect>) -> Arc<Self> {
+        Arc::new(ClusterShared {
+            settings,
+            connections: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            active_requests: AtomicUsize::new(0),
+            active_retries: AtomicUsize::new(0),
+            stats: ClusterStats::default(),
+            detector,
+            connector,
+        })
+    }
+
+    /// Admits one request against `http2MaxRequests`; the guard releases it.
+    pub fn admit(self: &Arc<Self>) -> Result<RequestSlot, Overflow> {
+        let prev = self.active_requests.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.settings.max_requests {
+            self.active_requests.fetch_sub(1, Ordering::AcqRel);
+            // Envoy counts this in the pending-overflow stat too (historical).
+            bump(&self.stats.upstream_rq_pending_overflow);
+            bump(&self.stats.upstream_rq_active_overflow);
+            return Err(Overflow::Requests);
+        }
+        bump(&self.stats.upstream_rq_total);
+        Ok(RequestSlot(self.clone()))
+    }
+
+    /// Takes a retry slot against `maxRetries`; `None` when the budget is used
+    /// up (the retry is not attempted).
+    pub fn begin_retry(self: &Arc<Self>) -> Option<RetrySlot> {
+        let prev = self.active_retries.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.settings.max_retries {
+            self.active_retries.fetch_sub(1, Ordering::AcqRel);
+            bump(&self.stats.upstream_rq_retry_overflow);
+            return None;
+        }
+        bump(&self.stats.upstream_rq_retry);
+        Some(RetrySlot(self.clone()))
+    }
+}
+
+/// One admitted request (counts toward `http2MaxRequests`).
+pub struct RequestSlot(Arc<ClusterShared>);
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One retry in flight (counts toward `maxRetries`).
+pub struct RetrySlot(Arc<ClusterShared>);
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.0.active_retries.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+// === endpoint pool ===
+
+#[derive(Debug, Clone, Copy)]
+struct ConnMeta {
+    id: u64,
+    created: Instant,
+    requests: u32,
+}
+
 struct IdleConn {
     tx: http1::SendRequest<Body>,
     since: Instant,
+    meta: ConnMeta,
 }
 
-/// Runtime state of one endpoint of one cluster: its connections and the number
-/// of requests in flight (which least-request balancing reads).
+struct H2Conn {
+    tx: http2::SendRequest<Body>,
+    meta: ConnMeta,
+    streams: usize,
+    /// No new streams (max requests or age reached); closes when drained.
+    retired: bool,
+}
+
+/// Capacity handed to one request.
+enum Grant {
+    Ready(Ready),
+    /// Room for a new connection, which the request opens itself.
+    Connect(Reservation),
+}
+
+/// A connection (HTTP/1.1) or stream (HTTP/2) ready to carry a request.
+enum Ready {
+    H1(http1::SendRequest<Body>, ConnMeta),
+    H2(http2::SendRequest<Body>, StreamGuard),
+}
+
+#[derive(Default)]
+struct PoolInner {
+    idle: Vec<IdleConn>,
+    h2: Vec<H2Conn>,
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+    /// This endpoint's connections, open or being opened.
+    open: usize,
+    /// HTTP/2 connections being opened.
+    h2_connecting: usize,
+}
+
+/// Runtime state of one endpoint of one cluster.
 pub struct EndpointState {
     pub addr: SocketAddr,
+    pub shared: Arc<ClusterShared>,
     active: AtomicUsize,
-    settings: PoolSettings,
-    idle: Mutex<Vec<IdleConn>>,
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
-    h2_connect: tokio::sync::Mutex<()>,
-    open_connections: Arc<AtomicUsize>,
+    inner: Mutex<PoolInner>,
+    next_id: AtomicU64,
+    monitor: HostMonitor,
 }
 
 impl std::fmt::Debug for EndpointState {
@@ -120,6 +400,15 @@ impl std::fmt::Debug for EndpointState {
     }
 }
 
+impl Monitored for EndpointState {
+    fn monitor(&self) -> &HostMonitor {
+        &self.monitor
+    }
+    fn label(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
 /// Decrements the endpoint's active request count when dropped.
 pub struct ActiveGuard(Arc<EndpointState>);
 
@@ -129,21 +418,78 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// A connection slot being opened. Dropped unused, it frees the slot and lets a
+/// waiting request try.
+struct Reservation {
+    ep: Arc<EndpointState>,
+    h2: bool,
+    armed: bool,
+}
+
+impl Reservation {
+    /// The slot now belongs to a live connection; its task releases it.
+    fn into_connection(mut self) -> ConnSlot {
+        self.armed = false;
+        ConnSlot { ep: self.ep.clone(), h2: self.h2 }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            self.ep.release_connection(self.h2, true, None);
+        }
+    }
+}
+
+/// Held by a connection's task; frees the slot when the connection ends.
+struct ConnSlot {
+    ep: Arc<EndpointState>,
+    h2: bool,
+}
+
+/// One HTTP/2 stream on a pooled connection; dropped when the response ends.
+pub struct StreamGuard {
+    ep: Arc<EndpointState>,
+    conn: u64,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.ep.stream_done(self.conn);
+    }
+}
+
+/// A place in the pending queue (counts toward `http1MaxPendingRequests`).
+struct PendingSlot(Arc<ClusterShared>);
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What `send` hands back besides the response: the HTTP/2 stream, held until
+/// the response body ends.
+pub struct Sent {
+    pub response: Response<Incoming>,
+    pub stream: Option<StreamGuard>,
+}
+
 impl EndpointState {
-    pub fn new(addr: SocketAddr, settings: PoolSettings) -> Arc<Self> {
+    pub fn new(addr: SocketAddr, shared: Arc<ClusterShared>) -> Arc<Self> {
         Arc::new(EndpointState {
             addr,
+            shared,
             active: AtomicUsize::new(0),
-            settings,
-            idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
-            h2_connect: tokio::sync::Mutex::new(()),
-            open_connections: Arc::new(AtomicUsize::new(0)),
+            inner: Mutex::new(PoolInner::default()),
+            next_id: AtomicU64::new(0),
+            monitor: HostMonitor::default(),
         })
     }
 
     pub fn settings(&self) -> &PoolSettings {
-        &self.settings
+        &self.shared.settings
     }
 
     /// Requests in flight to this endpoint (sent and not yet fully answered).
@@ -151,9 +497,13 @@ impl EndpointState {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Open upstream connections to this endpoint.
+    /// Open (or opening) upstream connections to this endpoint.
     pub fn connections(&self) -> usize {
-        self.open_connections.load(Ordering::Relaxed)
+        self.lock().open
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.monitor.is_ejected()
     }
 
     /// Counts a request as active until the guard is dropped.
@@ -162,162 +512,326 @@ impl EndpointState {
         ActiveGuard(self.clone())
     }
 
-    /// Sends `req` (URI in origin form for HTTP/1.1, absolute for HTTP/2).
-    pub async fn send(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
-        match self.settings.protocol {
-            Protocol::Http1 => self.send_h1(req).await,
-            Protocol::Http2 => self.send_h2(req).await,
-        }
+    fn lock(&self) -> MutexGuard<'_, PoolInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn send_h1(self: &Arc<Self>, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    /// Sends `req` (URI in origin form for HTTP/1.1, absolute for HTTP/2).
+    pub async fn send(self: &Arc<Self>, mut req: Request<Body>) -> Result<Sent, SendError> {
         let mut resends = 0;
         loop {
-            let (mut tx, reused) = match self.checkout_h1() {
-                Some(tx) => (tx, true),
-                None => match self.connect_h1().await {
-                    Ok(tx) => (tx, false),
+            let grant = match self.acquire().await {
+                Ok(g) => g,
+                Err(o) => return Err(SendError { error: UpstreamError::Overflow(o), request: Some(req) }),
+            };
+            let (ready, reused) = match grant {
+                Grant::Ready(r) => (r, true),
+                Grant::Connect(res) => match self.open(res).await {
+                    Ok(r) => (r, false),
                     Err(error) => return Err(SendError { error, request: Some(req) }),
                 },
             };
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    self.return_when_ready(tx);
-                    return Ok(resp);
+            let result = match ready {
+                Ready::H1(tx, meta) => self.send_h1(tx, meta, req).await,
+                Ready::H2(tx, stream) => send_h2(tx, stream, req).await,
+            };
+            match result {
+                Ok(sent) => return Ok(sent),
+                Err(SendError { error, request: Some(back) }) if reused && resends < MAX_STALE_RESENDS => {
+                    tracing::debug!(endpoint = %self.addr, %error, "pooled connection was closed; re-sending on another");
+                    resends += 1;
+                    req = back;
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(back) if reused && resends < MAX_STALE_RESENDS => {
-                        tracing::debug!(endpoint = %self.addr, "pooled connection was closed; re-sending on another");
-                        resends += 1;
-                        req = back;
-                    }
-                    back => {
-                        return Err(SendError { error: UpstreamError::Terminated(e.into_error()), request: back });
-                    }
-                },
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// Pops the most recently used idle connection that is still usable.
-    fn checkout_h1(&self) -> Option<http1::SendRequest<Body>> {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(conn) = idle.pop() {
-            if now.duration_since(conn.since) < self.settings.idle_timeout && conn.tx.is_ready() {
-                return Some(conn.tx);
+    /// Finds capacity for one request: an idle connection or stream, a slot
+    /// for a new connection, or a place in the pending queue.
+    async fn acquire(self: &Arc<Self>) -> Result<Grant, Overflow> {
+        let rx = {
+            let mut inner = self.lock();
+            if let Some(g) = self.take_ready(&mut inner) {
+                return Ok(g);
             }
-            // Dropping the sender closes an idle connection.
+            let h2 = self.shared.settings.protocol == Protocol::Http2;
+            // HTTP/2 requests wait for a connection already being opened.
+            let joins_connect = h2
+                && inner.h2_connecting > 0
+                && inner.waiters.len() < inner.h2_connecting * self.shared.settings.max_concurrent_streams;
+            if !joins_connect && let Some(r) = self.reserve(&mut inner) {
+                return Ok(Grant::Connect(r));
+            }
+            let prev = self.shared.pending.fetch_add(1, Ordering::AcqRel);
+            if prev >= self.shared.settings.max_pending {
+                self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+                bump(&self.shared.stats.upstream_rq_pending_overflow);
+                return Err(Overflow::Pending);
+            }
+            bump(&self.shared.stats.upstream_rq_pending_total);
+            let (tx, rx) = oneshot::channel();
+            inner.waiters.push_back(tx);
+            rx
+        };
+        let _slot = PendingSlot(self.shared.clone());
+        // A grant always arrives: every connection end, stream end and failed
+        // connect hands capacity to the queue. The route timeout bounds the wait.
+        rx.await.map_err(|_| Overflow::Pending)
+    }
+
+    /// An idle HTTP/1.1 connection or a free HTTP/2 stream, if any.
+    fn take_ready(self: &Arc<Self>, inner: &mut PoolInner) -> Option<Grant> {
+        let now = Instant::now();
+        let s = &self.shared.settings;
+        while let Some(conn) = inner.idle.pop() {
+            if now.duration_since(conn.since) >= s.idle_timeout {
+                bump(&self.shared.stats.upstream_cx_idle_timeout);
+                continue; // dropping the sender closes the connection
+            }
+            if s.max_connection_duration.is_some_and(|d| now.duration_since(conn.meta.created) >= d) {
+                bump(&self.shared.stats.upstream_cx_max_duration_reached);
+                continue;
+            }
+            if conn.tx.is_ready() {
+                return Some(Grant::Ready(Ready::H1(conn.tx, conn.meta)));
+            }
         }
+        for c in inner.h2.iter_mut() {
+            if c.retired || c.tx.is_closed() {
+                continue;
+            }
+            if s.max_connection_duration.is_some_and(|d| now.duration_since(c.meta.created) >= d) {
+                c.retired = true;
+                bump(&self.shared.stats.upstream_cx_max_duration_reached);
+                continue;
+            }
+            if c.streams < s.max_concurrent_streams {
+                c.streams += 1;
+                c.meta.requests += 1;
+                if s.max_requests_per_connection > 0 && c.meta.requests >= s.max_requests_per_connection {
+                    c.retired = true;
+                    bump(&self.shared.stats.upstream_cx_max_requests);
+                }
+                let guard = StreamGuard { ep: self.clone(), conn: c.meta.id };
+                return Some(Grant::Ready(Ready::H2(c.tx.clone(), guard)));
+            }
+        }
+        inner.h2.retain(|c| !(c.tx.is_closed() || c.retired && c.streams == 0));
         None
     }
 
-    fn return_when_ready(self: &Arc<Self>, mut tx: http1::SendRequest<Body>) {
+    /// A slot for a new connection if the cluster's `maxConnections` allows it.
+    /// As Envoy, an endpoint with no connection at all may always open one.
+    fn reserve(self: &Arc<Self>, inner: &mut PoolInner) -> Option<Reservation> {
+        let s = &self.shared.settings;
+        let total = self.shared.connections.load(Ordering::Acquire);
+        if total >= s.max_connections {
+            bump(&self.shared.stats.upstream_cx_overflow);
+            if inner.open > 0 {
+                return None;
+            }
+        }
+        self.shared.connections.fetch_add(1, Ordering::AcqRel);
+        inner.open += 1;
+        let h2 = s.protocol == Protocol::Http2;
+        if h2 {
+            inner.h2_connecting += 1;
+        }
+        Some(Reservation { ep: self.clone(), h2, armed: true })
+    }
+
+    /// Frees a connection slot (a failed connect or a closed connection) and
+    /// hands the capacity to the next waiting request.
+    fn release_connection(self: &Arc<Self>, h2: bool, was_connecting: bool, conn: Option<u64>) {
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+        {
+            let mut inner = self.lock();
+            inner.open = inner.open.saturating_sub(1);
+            if h2 && was_connecting {
+                inner.h2_connecting = inner.h2_connecting.saturating_sub(1);
+            }
+            if let Some(id) = conn {
+                inner.h2.retain(|c| c.meta.id != id);
+            }
+        }
+        self.serve_waiters();
+    }
+
+    /// Hands whatever capacity exists to waiting requests, in order.
+    fn serve_waiters(self: &Arc<Self>) {
+        loop {
+            let (waiter, grant) = {
+                let mut inner = self.lock();
+                if inner.waiters.is_empty() {
+                    return;
+                }
+                let grant = match self.take_ready(&mut inner) {
+                    Some(g) => g,
+                    None => {
+                        let h2 = self.shared.settings.protocol == Protocol::Http2;
+                        if h2 && inner.h2_connecting > 0 {
+                            return; // they will be served when it connects
+                        }
+                        match self.reserve(&mut inner) {
+                            Some(r) => Grant::Connect(r),
+                            None => return,
+                        }
+                    }
+                };
+                let Some(waiter) = inner.waiters.pop_front() else { return };
+                (waiter, grant)
+            };
+            // Outside the lock: a refused grant is dropped here, which may
+            // release capacity and re-enter this function.
+            if let Err(grant) = waiter.send(grant) {
+                drop(grant);
+            }
+        }
+    }
+
+    fn stream_done(self: &Arc<Self>, conn: u64) {
+        {
+            let mut inner = self.lock();
+            if let Some(c) = inner.h2.iter_mut().find(|c| c.meta.id == conn) {
+                c.streams = c.streams.saturating_sub(1);
+            }
+            // A retired connection with no streams left is dropped, which
+            // closes it; its task then frees the slot.
+            inner.h2.retain(|c| !(c.retired && c.streams == 0));
+        }
+        self.serve_waiters();
+    }
+
+    /// Opens a connection for a reservation and returns the grant for the
+    /// request that opened it.
+    async fn open(self: &Arc<Self>, res: Reservation) -> Result<Ready, UpstreamError> {
+        let s = self.shared.settings;
+        let io = match tokio::time::timeout(s.connect_timeout, self.shared.connector.connect(self.addr, &s)).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => {
+                bump(&self.shared.stats.upstream_cx_connect_fail);
+                return Err(UpstreamError::Connect(e));
+            }
+            Err(_) => {
+                bump(&self.shared.stats.upstream_cx_connect_fail);
+                bump(&self.shared.stats.upstream_cx_connect_timeout);
+                return Err(UpstreamError::ConnectTimeout(s.connect_timeout));
+            }
+        };
+        let meta = ConnMeta { id: self.next_id.fetch_add(1, Ordering::Relaxed), created: Instant::now(), requests: 0 };
+        bump(&self.shared.stats.upstream_cx_total);
+        let addr = self.addr;
+        match s.protocol {
+            Protocol::Http1 => {
+                let (tx, conn) =
+                    http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(UpstreamError::Handshake)?;
+                let slot = res.into_connection();
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with error");
+                    }
+                    slot.ep.release_connection(slot.h2, false, None);
+                });
+                Ok(Ready::H1(tx, meta))
+            }
+            Protocol::Http2 => {
+                let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                let slot = res.into_connection();
+                let id = meta.id;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(endpoint = %addr, error = %e, "upstream h2 connection ended with error");
+                    }
+                    slot.ep.release_connection(slot.h2, false, Some(id));
+                });
+                let mut meta = meta;
+                meta.requests = 1;
+                let retired = s.max_requests_per_connection == 1;
+                {
+                    let mut inner = self.lock();
+                    inner.h2_connecting = inner.h2_connecting.saturating_sub(1);
+                    inner.h2.push(H2Conn { tx: tx.clone(), meta, streams: 1, retired });
+                }
+                let guard = StreamGuard { ep: self.clone(), conn: id };
+                // Requests that waited for this connection get their streams.
+                self.serve_waiters();
+                Ok(Ready::H2(tx, guard))
+            }
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut tx: http1::SendRequest<Body>,
+        mut meta: ConnMeta,
+        req: Request<Body>,
+    ) -> Result<Sent, SendError> {
+        meta.requests += 1;
+        match tx.try_send_request(req).await {
+            Ok(response) => {
+                self.return_when_ready(tx, meta);
+                Ok(Sent { response, stream: None })
+            }
+            Err(mut e) => {
+                let request = e.take_message();
+                Err(SendError { error: UpstreamError::Terminated(e.into_error()), request })
+            }
+        }
+    }
+
+    /// Once the response has been read, the connection serves the next waiting
+    /// request or goes idle — unless it has reached its request or age limit.
+    fn return_when_ready(self: &Arc<Self>, mut tx: http1::SendRequest<Body>, meta: ConnMeta) {
+        let s = self.shared.settings;
+        if s.max_requests_per_connection > 0 && meta.requests >= s.max_requests_per_connection {
+            // Dropping the sender lets hyper finish this response and close.
+            bump(&self.shared.stats.upstream_cx_max_requests);
+            return;
+        }
         let weak: Weak<EndpointState> = Arc::downgrade(self);
         tokio::spawn(async move {
             if tx.ready().await.is_err() {
                 return;
             }
-            if let Some(this) = weak.upgrade() {
-                let mut idle = this.idle.lock().unwrap_or_else(|p| p.into_inner());
-                let now = Instant::now();
-                let ttl = this.settings.idle_timeout;
-                idle.retain(|c| now.duration_since(c.since) < ttl);
-                if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                    idle.push(IdleConn { tx, since: now });
+            let Some(this) = weak.upgrade() else { return };
+            let now = Instant::now();
+            if this.shared.settings.max_connection_duration.is_some_and(|d| now.duration_since(meta.created) >= d) {
+                bump(&this.shared.stats.upstream_cx_max_duration_reached);
+                return;
+            }
+            let mut grant = Grant::Ready(Ready::H1(tx, meta));
+            loop {
+                let waiter = this.lock().waiters.pop_front();
+                match waiter {
+                    Some(w) => match w.send(grant) {
+                        Ok(()) => return,
+                        Err(back) => grant = back,
+                    },
+                    None => break,
                 }
             }
+            let Grant::Ready(Ready::H1(tx, meta)) = grant else { return };
+            let mut inner = this.lock();
+            let ttl = this.shared.settings.idle_timeout;
+            inner.idle.retain(|c| now.duration_since(c.since) < ttl);
+            if inner.idle.len() < MAX_IDLE_PER_ENDPOINT {
+                inner.idle.push(IdleConn { tx, since: now, meta });
+            }
         });
     }
+}
 
-    async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
-        let timeout = self.settings.connect_timeout;
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-            Err(_) => return Err(UpstreamError::ConnectTimeout(timeout)),
-        };
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
-    }
-
-    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, UpstreamError> {
-        let stream = self.connect_tcp().await?;
-        let (tx, conn) =
-            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Handshake)?;
-        let counter = self.open_connections.clone();
-        counter.fetch_add(1, Ordering::Relaxed);
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with error");
-            }
-            counter.fetch_sub(1, Ordering::Relaxed);
-        });
-        Ok(tx)
-    }
-
-    async fn send_h2(self: &Arc<Self>, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
-        let mut resends = 0;
-        loop {
-            let (mut tx, reused) = match self.current_h2() {
-                Some(tx) => (tx, true),
-                None => match self.connect_h2().await {
-                    Ok(tx) => tx,
-                    Err(error) => return Err(SendError { error, request: Some(req) }),
-                },
-            };
-            match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    Some(back) if reused && resends < MAX_STALE_RESENDS => {
-                        resends += 1;
-                        self.forget_h2(&tx);
-                        req = back;
-                    }
-                    back => {
-                        return Err(SendError { error: UpstreamError::Terminated(e.into_error()), request: back });
-                    }
-                },
-            }
+async fn send_h2(mut tx: http2::SendRequest<Body>, stream: StreamGuard, req: Request<Body>) -> Result<Sent, SendError> {
+    match tx.try_send_request(req).await {
+        Ok(response) => Ok(Sent { response, stream: Some(stream) }),
+        Err(mut e) => {
+            let request = e.take_message();
+            Err(SendError { error: UpstreamError::Terminated(e.into_error()), request })
         }
-    }
-
-    fn current_h2(&self) -> Option<http2::SendRequest<Body>> {
-        let guard = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        guard.as_ref().filter(|tx| !tx.is_closed()).cloned()
-    }
-
-    fn forget_h2(&self, dead: &http2::SendRequest<Body>) {
-        let mut guard = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_some_and(|tx| tx.is_closed() || dead.is_closed()) {
-            *guard = None;
-        }
-    }
-
-    /// Connects (once, even when many requests arrive together) and returns the
-    /// shared sender; `true` when another request's connection was reused.
-    async fn connect_h2(&self) -> Result<(http2::SendRequest<Body>, bool), UpstreamError> {
-        let _connecting = self.h2_connect.lock().await;
-        if let Some(tx) = self.current_h2() {
-            return Ok((tx, true));
-        }
-        let stream = self.connect_tcp().await?;
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Handshake)?;
-        let counter = self.open_connections.clone();
-        counter.fetch_add(1, Ordering::Relaxed);
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %addr, error = %e, "upstream h2 connection ended with error");
-            }
-            counter.fetch_sub(1, Ordering::Relaxed);
-        });
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
-        Ok((tx, false))
     }
 }
