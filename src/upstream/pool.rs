@@ -835,3 +835,277 @@ async fn send_h2(mut tx: http2::SendRequest<Body>, stream: StreamGuard, req: Req
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// An in-memory upstream: each connect is a duplex pipe with a hyper
+    /// server on the far end. Requests wait for a permit of `gate` before
+    /// they are answered, so tests decide when responses happen.
+    struct MemUpstream {
+        gate: Arc<Semaphore>,
+        connects: AtomicUsize,
+        requests: Arc<AtomicUsize>,
+        h2: bool,
+    }
+
+    impl MemUpstream {
+        fn new(h2: bool) -> Arc<Self> {
+            Arc::new(MemUpstream {
+                gate: Arc::new(Semaphore::new(0)),
+                connects: AtomicUsize::new(0),
+                requests: Arc::default(),
+                h2,
+            })
+        }
+    }
+
+    impl Connect for MemUpstream {
+        fn connect(
+            &self,
+            _: SocketAddr,
+            _: &PoolSettings,
+        ) -> Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send>> {
+            self.connects.fetch_add(1, Ordering::SeqCst);
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let (gate, requests, h2) = (self.gate.clone(), self.requests.clone(), self.h2);
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let (gate, requests) = (gate.clone(), requests.clone());
+                    async move {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        gate.acquire().await.map(|p| p.forget()).ok();
+                        Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let io = TokioIo::new(server);
+                if h2 {
+                    let _ =
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                }
+            });
+            Box::pin(async move { Ok(Box::new(client) as BoxIo) })
+        }
+    }
+
+    fn endpoint(settings: PoolSettings, up: &Arc<MemUpstream>) -> Arc<EndpointState> {
+        let shared = ClusterShared::new(settings, None, up.clone());
+        EndpointState::new("127.0.0.1:1".parse().unwrap(), shared)
+    }
+
+    fn get() -> Request<Body> {
+        let mut r = Request::new(crate::body::empty());
+        *r.uri_mut() = "http://svc/".parse().unwrap();
+        r.headers_mut().insert(http::header::HOST, "svc".parse().unwrap());
+        r
+    }
+
+    fn get_h1() -> Request<Body> {
+        let mut r = get();
+        *r.uri_mut() = "/".parse().unwrap();
+        r
+    }
+
+    async fn finish(sent: Sent) {
+        let body = sent.response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        drop(sent.stream);
+    }
+
+    /// Lets spawned tasks run until the runtime is idle.
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Istio's circuit-breaking task, made deterministic: one connection, one
+    /// pending request, one request per connection. Of five simultaneous
+    /// requests two are admitted (one active, one pending); three overflow.
+    #[tokio::test(start_paused = true)]
+    async fn pending_queue_bounds_and_overflow() {
+        let up = MemUpstream::new(false);
+        let settings =
+            PoolSettings { max_connections: 1, max_pending: 1, max_requests_per_connection: 1, ..Default::default() };
+        let ep = endpoint(settings, &up);
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let ep = ep.clone();
+            tasks.push(tokio::spawn(async move { ep.send(get_h1()).await }));
+            settle().await;
+        }
+        settle().await;
+        // Three failed at once with an overflow, without touching the upstream.
+        let mut done = Vec::new();
+        let mut waiting = Vec::new();
+        for t in tasks {
+            if t.is_finished() { done.push(t.await.unwrap()) } else { waiting.push(t) }
+        }
+        assert_eq!(done.len(), 3);
+        for r in &done {
+            assert!(matches!(
+                r,
+                Err(SendError { error: UpstreamError::Overflow(Overflow::Pending), request: Some(_) })
+            ));
+        }
+        assert_eq!(ep.shared.stats.upstream_rq_pending_overflow.load(Ordering::SeqCst), 3);
+        assert_eq!(ep.shared.pending.load(Ordering::SeqCst), 1);
+        assert_eq!(up.requests.load(Ordering::SeqCst), 1, "only the active request reached the upstream");
+        assert_eq!(ep.connections(), 1);
+        // Answering the first lets the pending one through on a new
+        // connection (maxRequestsPerConnection: 1 closes the first).
+        up.gate.add_permits(1);
+        for t in waiting {
+            up.gate.add_permits(1);
+            finish(t.await.unwrap().ok().unwrap()).await;
+        }
+        settle().await;
+        assert_eq!(up.connects.load(Ordering::SeqCst), 2);
+        assert_eq!(up.requests.load(Ordering::SeqCst), 2);
+        assert_eq!(ep.shared.pending.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_reuse_and_idle_timeout() {
+        let up = MemUpstream::new(false);
+        up.gate.add_permits(100);
+        let ep = endpoint(PoolSettings { idle_timeout: Duration::from_secs(4), ..Default::default() }, &up);
+        for _ in 0..3 {
+            finish(ep.send(get_h1()).await.ok().unwrap()).await;
+            settle().await;
+        }
+        assert_eq!(up.connects.load(Ordering::SeqCst), 1, "one keep-alive connection");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        finish(ep.send(get_h1()).await.ok().unwrap()).await;
+        assert_eq!(up.connects.load(Ordering::SeqCst), 2, "an idle connection past its timeout is not reused");
+        assert_eq!(ep.shared.stats.upstream_cx_idle_timeout.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_connection_duration_retires_connections() {
+        let up = MemUpstream::new(false);
+        up.gate.add_permits(100);
+        let settings = PoolSettings { max_connection_duration: Some(Duration::from_secs(2)), ..Default::default() };
+        let ep = endpoint(settings, &up);
+        finish(ep.send(get_h1()).await.ok().unwrap()).await;
+        settle().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        finish(ep.send(get_h1()).await.ok().unwrap()).await;
+        settle().await;
+        assert_eq!(up.connects.load(Ordering::SeqCst), 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        finish(ep.send(get_h1()).await.ok().unwrap()).await;
+        assert_eq!(up.connects.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_waiters_release_their_place() {
+        let up = MemUpstream::new(false);
+        let settings = PoolSettings { max_connections: 1, max_pending: 1, ..Default::default() };
+        let ep = endpoint(settings, &up);
+        let first = tokio::spawn({
+            let ep = ep.clone();
+            async move { ep.send(get_h1()).await }
+        });
+        settle().await;
+        let second = tokio::spawn({
+            let ep = ep.clone();
+            async move { ep.send(get_h1()).await }
+        });
+        settle().await;
+        assert_eq!(ep.shared.pending.load(Ordering::SeqCst), 1);
+        second.abort();
+        settle().await;
+        assert_eq!(ep.shared.pending.load(Ordering::SeqCst), 0, "an abandoned request frees its pending place");
+        // The queue has room again.
+        let third = tokio::spawn({
+            let ep = ep.clone();
+            async move { ep.send(get_h1()).await }
+        });
+        settle().await;
+        assert_eq!(ep.shared.pending.load(Ordering::SeqCst), 1);
+        up.gate.add_permits(2);
+        finish(first.await.unwrap().ok().unwrap()).await;
+        finish(third.await.unwrap().ok().unwrap()).await;
+        assert_eq!(up.connects.load(Ordering::SeqCst), 1, "the waiter got the freed keep-alive connection");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h2_streams_per_connection_and_limits() {
+        let up = MemUpstream::new(true);
+        let settings = PoolSettings {
+            protocol: Protocol::Http2,
+            max_connections: 1,
+            max_concurrent_streams: 2,
+            max_pending: 10,
+            ..Default::default()
+        };
+        let ep = endpoint(settings, &up);
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let ep = ep.clone();
+            tasks.push(tokio::spawn(async move { ep.send(get()).await }));
+            settle().await;
+        }
+        settle().await;
+        assert_eq!(up.connects.load(Ordering::SeqCst), 1, "one multiplexed connection");
+        assert_eq!(up.requests.load(Ordering::SeqCst), 2, "two streams; the third waits for one");
+        assert_eq!(ep.shared.pending.load(Ordering::SeqCst), 1);
+        up.gate.add_permits(3);
+        for t in tasks {
+            finish(t.await.unwrap().ok().unwrap()).await;
+        }
+        assert_eq!(up.requests.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_and_retry_budgets() {
+        let up = MemUpstream::new(false);
+        let shared =
+            ClusterShared::new(PoolSettings { max_requests: 2, max_retries: 1, ..Default::default() }, None, up);
+        let a = shared.admit().unwrap();
+        let _b = shared.admit().unwrap();
+        assert!(matches!(shared.admit(), Err(Overflow::Requests)));
+        drop(a);
+        assert!(shared.admit().is_ok());
+        let r = shared.begin_retry().unwrap();
+        assert!(shared.begin_retry().is_none());
+        assert_eq!(shared.stats.upstream_rq_retry_overflow.load(Ordering::SeqCst), 1);
+        drop(r);
+        assert!(shared.begin_retry().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_timeout_and_failure_free_the_slot() {
+        struct Never;
+        impl Connect for Never {
+            fn connect(
+                &self,
+                _: SocketAddr,
+                _: &PoolSettings,
+            ) -> Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send>> {
+                Box::pin(std::future::pending())
+            }
+        }
+        let settings =
+            PoolSettings { connect_timeout: Duration::from_secs(1), max_connections: 1, ..Default::default() };
+        let shared = ClusterShared::new(settings, None, Arc::new(Never));
+        let ep = EndpointState::new("127.0.0.1:1".parse().unwrap(), shared);
+        let r = ep.send(get_h1()).await;
+        assert!(matches!(r, Err(SendError { error: UpstreamError::ConnectTimeout(_), request: Some(_) })));
+        assert_eq!(ep.connections(), 0);
+        assert_eq!(ep.shared.connections.load(Ordering::SeqCst), 0);
+        assert_eq!(ep.shared.stats.upstream_cx_connect_timeout.load(Ordering::SeqCst), 1);
+    }
+}
