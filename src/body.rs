@@ -247,8 +247,18 @@ impl HttpBody for ReplayBody {
                 this.trailers_sent = true;
                 drop(s);
                 this.source = None;
+                return polled;
             }
-            _ => {}
+            _ => return polled,
+        }
+        // A reader that stops at the announced length never polls for the
+        // end: notice it here, so mirrors and retries see a complete body.
+        if this.source.as_ref().is_some_and(|src| src.is_end_stream()) {
+            s.complete = true;
+            s.done.notify_waiters();
+            this.trailers_sent = true;
+            drop(s);
+            this.source = None;
         }
         polled
     }
@@ -259,5 +269,55 @@ impl HttpBody for ReplayBody {
             && s.complete
             && self.pos >= s.chunks.len()
             && (self.trailers_sent || s.trailers.is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream_of(chunks: Vec<&'static [u8]>) -> Body {
+        let frames = chunks.into_iter().map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from_static(c))));
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    async fn read_all(mut b: Body) -> Result<Vec<u8>, BoxError> {
+        let mut out = Vec::new();
+        while let Some(f) = b.frame().await {
+            if let Some(d) = f?.data_ref() {
+                out.extend_from_slice(d);
+            }
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn replays_what_the_first_attempt_read() {
+        let rec = Recorder::new(stream_of(vec![b"ab", b"cd", b"ef"]));
+        assert_eq!(read_all(rec.body()).await.unwrap(), b"abcdef");
+        assert!(rec.can_replay());
+        assert_eq!(read_all(rec.body()).await.unwrap(), b"abcdef");
+        let whole = rec.complete_body(std::time::Duration::from_secs(1)).await.unwrap();
+        assert_eq!(read_all(whole).await.unwrap(), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_later_attempt_continues_where_an_abandoned_one_stopped() {
+        let rec = Recorder::new(stream_of(vec![b"ab", b"cd", b"ef"]));
+        let mut first = rec.body();
+        let f = first.frame().await.unwrap().unwrap();
+        assert_eq!(f.data_ref().unwrap().as_ref(), b"ab");
+        drop(first);
+        assert!(rec.can_replay());
+        assert_eq!(read_all(rec.body()).await.unwrap(), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_not_kept() {
+        static BIG: [u8; REPLAY_LIMIT] = [b'x'; REPLAY_LIMIT];
+        let rec = Recorder::new(stream_of(vec![&BIG, b"one more"]));
+        assert_eq!(read_all(rec.body()).await.unwrap().len(), REPLAY_LIMIT + 8);
+        assert!(!rec.can_replay());
+        assert!(rec.complete_body(std::time::Duration::from_millis(10)).await.is_none());
     }
 }
