@@ -321,3 +321,115 @@ mod tests {
         assert!(rec.complete_body(std::time::Duration::from_millis(10)).await.is_none());
     }
 }
+
+// === counting wrappers (metrics) ===
+
+pin_project_lite::pin_project! {
+    /// Counts the data bytes that pass through into a shared counter.
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Counted { inner, count }
+    }
+}
+
+impl<B: HttpBody<Data = Bytes>> HttpBody for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let res = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &res
+            && let Some(d) = f.data_ref()
+        {
+            this.count.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts the bytes of a response body and calls `on_finish(bytes,
+    /// completed)` once: `completed` is true when the body reached its end,
+    /// false when it failed or was dropped first (the client went away).
+    pub struct Finished<B: HttpBody, F: FnOnce(u64, bool)> {
+        #[pin]
+        inner: B,
+        bytes: u64,
+        on_finish: Option<F>,
+    }
+
+    impl<B: HttpBody, F: FnOnce(u64, bool)> PinnedDrop for Finished<B, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(f) = this.on_finish.take() {
+                // A server stops polling a body that says it has ended (an
+                // empty body, or all of a known length): that is complete.
+                let ended = this.inner.is_end_stream();
+                f(*this.bytes, ended);
+            }
+        }
+    }
+}
+
+impl<B: HttpBody, F: FnOnce(u64, bool)> Finished<B, F> {
+    pub fn new(inner: B, on_finish: F) -> Self {
+        Finished { inner, bytes: 0, on_finish: Some(on_finish) }
+    }
+}
+
+impl<B, F> HttpBody for Finished<B, F>
+where
+    B: HttpBody<Data = Bytes>,
+    F: FnOnce(u64, bool),
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let res = this.inner.poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    *this.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(f) = this.on_finish.take() {
+                    f(*this.bytes, true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(f) = this.on_finish.take() {
+                    f(*this.bytes, false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

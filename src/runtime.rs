@@ -1,17 +1,27 @@
 //! The running proxy: applies config sets (first load, file changes) through
 //! one path — load → validate → compile → bind new listeners → swap → close
 //! removed listeners — and keeps the status the admin API reports.
+//!
+//! It also owns the drain: inbound listeners (gateway, sidecar ingress) stop
+//! accepting and `/ready` turns 503, outbound listeners (sidecar egress) keep
+//! serving the app while it shuts down, and the drain ends when no request is
+//! in flight and the inbound connections are closed, or at the drain timeout.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
+use tokio::time::Instant;
+
 use crate::config::compile::{CompileOptions, compile, start_discovery};
 use crate::config::load::load_paths;
 use crate::config::{Diagnostic, LoadedSet};
+use crate::proxy::server::{DRAIN_TIMEOUT, Stopping};
 use crate::proxy::{ListenerManager, ProxyState};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{ListenerKind, Snapshot};
+use crate::telemetry::metrics::{Metrics, Workload};
 use crate::upstream::Registry;
 
 /// Settings fixed at start (from `remora run` flags).
@@ -43,6 +53,35 @@ pub enum ApplyOutcome {
     Rejected { errors: Vec<Diagnostic> },
 }
 
+/// What `/ready` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// No config applied yet (or its listeners are not bound yet).
+    NotConfigured,
+    /// Draining: inbound listeners closed or closing.
+    Draining,
+}
+
+/// Where a drain stands, for the admin API and the exit decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainProgress {
+    /// Inbound listeners that stopped accepting.
+    pub inbound_listeners: Vec<std::net::SocketAddr>,
+    /// Connections still open on them.
+    pub inbound_connections: usize,
+    /// Requests in flight on every listener, outbound included.
+    pub inflight: usize,
+    /// True when nothing remains: the inbound listeners are closed and no
+    /// request is in flight.
+    pub finished: bool,
+}
+
+/// Listener kinds that take traffic into the workload; a drain closes them.
+/// Sidecar egress listeners carry the app's own outbound calls and keep
+/// serving until the process exits.
+pub const INBOUND_KINDS: &[ListenerKind] = &[ListenerKind::Gateway, ListenerKind::SidecarIngress];
+
 pub struct Proxy {
     pub state: Arc<ProxyState>,
     pub listeners: ListenerManager,
@@ -53,21 +92,37 @@ pub struct Proxy {
     apply_lock: tokio::sync::Mutex<()>,
     pub reloads_applied: AtomicU64,
     pub reloads_rejected: AtomicU64,
+    /// Set when a drain (or shutdown) starts; never cleared.
+    draining: AtomicBool,
+    /// The inbound listeners the drain stopped, once it has stopped them.
+    drained: Mutex<Option<Stopping>>,
+    drain_timeout_ms: AtomicU64,
+    /// Set by `/quitquitquit`: `remora run` drains and exits.
+    exit: watch::Sender<bool>,
 }
 
 impl Proxy {
     pub fn new(opts: RunOptions) -> Arc<Self> {
-        let state = ProxyState::new(Arc::new(Snapshot::default()));
+        let metrics = Metrics::new(Workload {
+            name: opts.compile.workload_name.clone(),
+            namespace: opts.compile.namespace.clone(),
+            labels: opts.compile.workload_labels.clone(),
+        });
+        let state = ProxyState::new(Arc::new(Snapshot::default()), metrics.clone());
         Arc::new(Proxy {
             listeners: ListenerManager::new(state.clone()),
             state,
-            registry: Registry::new(),
+            registry: Registry::with_metrics(metrics),
             opts,
             status: Mutex::new(Status::default()),
             ready: AtomicBool::new(false),
             apply_lock: tokio::sync::Mutex::new(()),
             reloads_applied: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            drained: Mutex::new(None),
+            drain_timeout_ms: AtomicU64::new(duration_ms(DEFAULT_DRAIN_TIMEOUT)),
+            exit: watch::Sender::new(false),
         })
     }
 
@@ -75,9 +130,38 @@ impl Proxy {
         &self.opts
     }
 
-    /// True once a config has been applied and all its listeners are bound.
+    /// True once a config has been applied and all its listeners are bound,
+    /// until a drain starts.
     pub fn is_ready(&self) -> bool {
+        self.readiness() == Readiness::Ready
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        if self.is_draining() {
+            Readiness::Draining
+        } else if self.is_configured() {
+            Readiness::Ready
+        } else {
+            Readiness::NotConfigured
+        }
+    }
+
+    /// True once a config has been applied (and stays true while draining).
+    pub fn is_configured(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// How long a drain may take before the process exits anyway.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_drain_timeout(&self, timeout: Duration) {
+        self.drain_timeout_ms.store(duration_ms(timeout), Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -112,7 +196,12 @@ impl Proxy {
         let _one_at_a_time = self.apply_lock.lock().await;
         let version = set.version();
         let current = self.snapshot();
-        if self.is_ready() && current.version == version {
+        if self.is_draining() {
+            // Applying could bind the inbound listeners the drain closed.
+            tracing::info!(%version, "draining: config changes are not applied");
+            return ApplyOutcome::Unchanged { version: current.version.clone() };
+        }
+        if self.is_configured() && current.version == version {
             return ApplyOutcome::Unchanged { version };
         }
         if let Some(r) = self.last_rejection()
@@ -169,13 +258,96 @@ impl Proxy {
         ApplyOutcome::Rejected { errors }
     }
 
-    /// Stops accepting, reports not-ready, and waits for open connections to
-    /// finish (bounded by the listeners' drain timeout).
+    /// Starts the drain, once: `/ready` turns 503 at once, config changes
+    /// stop being applied, and the inbound listeners stop accepting; their
+    /// open connections finish their requests (`Connection: close`, GOAWAY)
+    /// within the drain timeout. Outbound listeners keep serving. Returns
+    /// when the inbound listeners have stopped accepting.
+    pub async fn start_drain(&self) {
+        if !self.draining.swap(true, Ordering::AcqRel) {
+            tracing::info!(timeout = ?self.drain_timeout(), "draining: inbound listeners stop accepting, outbound listeners keep serving");
+        }
+        // An apply in progress finishes first; the next one sees the flag.
+        let _one_at_a_time = self.apply_lock.lock().await;
+        let mut drained = self.drained.lock().unwrap_or_else(|p| p.into_inner());
+        if drained.is_none() {
+            let stopping = self.listeners.stop_kinds(INBOUND_KINDS, self.drain_timeout());
+            for addr in stopping.addresses() {
+                tracing::info!(%addr, "inbound listener stopped accepting");
+            }
+            *drained = Some(stopping);
+        }
+    }
+
+    /// Where the drain stands (all zero and unfinished before it starts).
+    pub fn drain_progress(&self) -> DrainProgress {
+        let stopping = self.drained.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let inflight = self.state.inflight();
+        match stopping {
+            Some(s) => DrainProgress {
+                inbound_listeners: s.addresses(),
+                inbound_connections: s.open_connections(),
+                inflight,
+                finished: s.is_done() && inflight == 0,
+            },
+            None => DrainProgress { inbound_listeners: Vec::new(), inbound_connections: 0, inflight, finished: false },
+        }
+    }
+
+    /// Drains (see [`Proxy::start_drain`]) and waits until nothing remains or
+    /// `deadline` passes. Returns where the drain stood at the end.
+    pub async fn drain_until(&self, deadline: Instant) -> DrainProgress {
+        let _ = tokio::time::timeout_at(deadline, async {
+            self.start_drain().await;
+            while !self.drain_progress().finished {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+        })
+        .await;
+        self.drain_progress()
+    }
+
+    /// Asks `remora run` to drain and exit (`/quitquitquit`).
+    pub fn request_exit(&self) {
+        self.exit.send_replace(true);
+    }
+
+    /// Resolves once [`Proxy::request_exit`] has been called.
+    pub async fn exit_requested(&self) {
+        let mut rx = self.exit.subscribe();
+        // The sender lives in `self`, so this only ends with `true`.
+        let _ = rx.wait_for(|e| *e).await;
+    }
+
+    /// Stops every listener, reports not-ready, and waits for open
+    /// connections to finish (bounded by [`DRAIN_TIMEOUT`]).
     pub async fn shutdown(&self) {
-        self.ready.store(false, Ordering::Release);
-        self.listeners.stop_all().await;
+        self.shutdown_until(Instant::now() + DRAIN_TIMEOUT).await;
+    }
+
+    /// Stops every listener; their connections finish their requests until
+    /// `deadline`, then are closed.
+    pub async fn shutdown_until(&self, deadline: Instant) {
+        self.draining.store(true, Ordering::Release);
+        // An apply in progress could bind listeners after they are stopped.
+        let one_at_a_time = tokio::time::timeout_at(deadline, self.apply_lock.lock()).await.ok();
+        let bound = deadline.saturating_duration_since(Instant::now());
+        let stopping = self.listeners.stop_all(bound);
+        drop(one_at_a_time);
+        let _ = tokio::time::timeout_at(deadline, stopping.wait()).await;
     }
 }
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Istio's `terminationDrainDuration` default: how long `remora run` drains
+/// before it exits anyway.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a drain checks whether requests remain; short next to any drain
+/// timeout, and the check is two atomic loads per listener.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Debounce for file events: kubelet's symlink swap arrives as a burst.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(150);

@@ -93,10 +93,7 @@ async fn kubelet_configmap_symlink_swap_is_picked_up() {
     std::os::unix::fs::symlink("..data/config.yaml", d.join("config.yaml")).unwrap();
     let opts = remora::runtime::RunOptions {
         config_paths: vec![d.to_path_buf()],
-        compile: remora::config::compile::CompileOptions {
-            namespace: "default".into(),
-            workload_labels: Default::default(),
-        },
+        compile: remora::config::compile::CompileOptions { namespace: "default".into(), ..Default::default() },
     };
     let (proxy, _) = remora::cli::start_proxy(opts, None).await.unwrap();
     let _watch = remora::config::watch::spawn(proxy.clone()).unwrap();

@@ -58,7 +58,7 @@ async fn run(args: DemoArgs) -> i32 {
     }
     let opts = RunOptions {
         config_paths: vec![path.clone()],
-        compile: CompileOptions { namespace: "default".into(), workload_labels: Default::default() },
+        compile: CompileOptions { namespace: "default".into(), ..Default::default() },
     };
     let code = match start_proxy(opts, Some(args.admin)).await {
         Ok((proxy, admin)) => {

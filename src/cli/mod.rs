@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use tokio::time::Instant;
 
 use crate::config::compile::{CompileOptions, compile};
 use crate::config::load::load_paths;
@@ -22,6 +24,14 @@ pub const EXIT_USAGE: i32 = 64;
 
 /// Istio's admin port, on loopback only.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+/// Istio's `terminationDrainDuration` default (see `runtime::DEFAULT_DRAIN_TIMEOUT`).
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
+/// After the drain, time for the admin server's last responses (the one to
+/// `/quitquitquit` among them) to be written before the process exits.
+const ADMIN_FINAL_WRITE: Duration = Duration::from_millis(500);
+/// Time the runtime gives its tasks to stop once `run` has returned; blocking
+/// work still running (a DNS lookup) must not hold the exit.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Parser)]
 #[command(name = "remora", version, about = "A service-mesh sidecar proxy that speaks Istio's traffic API")]
@@ -77,7 +87,11 @@ fn parse_labels(s: &str) -> Result<Labels, String> {
 
 impl ConfigArgs {
     pub fn compile_options(&self) -> CompileOptions {
-        CompileOptions { namespace: self.namespace.clone(), workload_labels: self.workload_labels.0.clone() }
+        CompileOptions {
+            namespace: self.namespace.clone(),
+            workload_labels: self.workload_labels.0.clone(),
+            workload_name: self.workload_name.clone(),
+        }
     }
 }
 
@@ -85,14 +99,41 @@ impl ConfigArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Admin API address (readiness, config dump). Keep it on loopback.
+    /// Admin API address (readiness, config dump, clusters, log level, drain
+    /// and quit). Keep it on loopback.
     #[arg(long, env = "REMORA_ADMIN", default_value = DEFAULT_ADMIN)]
     pub admin: SocketAddr,
+    /// Health port for kubelet probes: only `GET /healthz/ready`, answered as
+    /// the admin API's `/ready`.
+    #[arg(long, env = "REMORA_HEALTH", default_value = crate::admin::DEFAULT_HEALTH)]
+    pub health: SocketAddr,
+    /// Longest drain on SIGTERM, SIGINT or `/quitquitquit` (`5s`, `500ms`,
+    /// `1m`): in-flight requests get this long to finish before the process
+    /// exits anyway.
+    #[arg(long, env = "REMORA_DRAIN_TIMEOUT", value_parser = parse_drain_timeout, default_value = DEFAULT_DRAIN_TIMEOUT)]
+    pub drain_timeout: Duration,
     /// Worker threads (default: the CPUs available).
     #[arg(long, env = "REMORA_CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Prometheus endpoint (`/metrics`, `/stats/prometheus`).
+    #[arg(long, env = "REMORA_METRICS", default_value = crate::telemetry::server::DEFAULT_METRICS)]
+    pub metrics: SocketAddr,
+    /// Access log to stdout, one line per request (`--log-format` decides
+    /// text or JSON).
+    #[arg(long, env = "REMORA_ACCESS_LOG", value_enum, default_value = "on")]
+    pub access_log: Switch,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+fn parse_drain_timeout(s: &str) -> Result<Duration, String> {
+    crate::config::model::parse_duration(s)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -126,7 +167,9 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
                 Ok(rt) => rt,
                 Err(code) => return code,
             };
-            rt.block_on(run(args))
+            let code = rt.block_on(run(args));
+            rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+            code
         }
         Command::Split(args) => split::main(args),
         Command::Demo(args) => demo::main(args),
@@ -169,11 +212,14 @@ fn validate(args: &ConfigArgs) -> i32 {
     }
 }
 
-/// `remora run`: admin first (so probes get 503, not refused), then the first
-/// config (invalid → exit 64), then watch for changes until a signal.
+/// `remora run`: admin and health first (so probes get 503, not refused),
+/// then the first config (invalid → exit 64), then watch for changes until
+/// SIGTERM, SIGINT or `/quitquitquit`; then drain and exit 0.
 pub async fn run(args: RunArgs) -> i32 {
+    let mut signals = Signals::new();
     let opts = RunOptions { config_paths: args.config.config.clone(), compile: args.config.compile_options() };
     let proxy = Proxy::new(opts);
+    proxy.set_drain_timeout(args.drain_timeout);
     let admin = match crate::admin::serve(args.admin, proxy.clone()).await {
         Ok(a) => a,
         Err(e) => {
@@ -181,7 +227,28 @@ pub async fn run(args: RunArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    tracing::info!(%admin, "admin API listening");
+    tracing::info!(admin = %admin.local_addr(), "admin API listening");
+    let health = match crate::admin::serve_health(args.health, proxy.clone()).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(addr = %args.health, error = %e, "cannot bind the health address");
+            return EXIT_USAGE;
+        }
+    };
+    tracing::info!(health = %health.local_addr(), "health endpoint listening");
+    match crate::telemetry::server::serve(args.metrics, proxy.clone()).await {
+        Ok(m) => tracing::info!(metrics = %m, "Prometheus endpoint listening"),
+        Err(e) => {
+            tracing::error!(addr = %args.metrics, error = %e, "cannot bind the metrics address");
+            return EXIT_USAGE;
+        }
+    }
+    if args.access_log == Switch::On {
+        crate::telemetry::access::init(match args.log.log_format {
+            LogFormat::Json => crate::telemetry::access::Format::Json,
+            LogFormat::Text => crate::telemetry::access::Format::Text,
+        });
+    }
     match proxy.reload_from_files().await {
         ApplyOutcome::Applied { .. } | ApplyOutcome::Unchanged { .. } => {}
         ApplyOutcome::Rejected { errors } => {
@@ -199,9 +266,31 @@ pub async fn run(args: RunArgs) -> i32 {
             None
         }
     };
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    proxy.shutdown().await;
+    tokio::select! {
+        _ = signals.recv() => tracing::info!("signal received"),
+        _ = proxy.exit_requested() => tracing::info!("exit requested on the admin API"),
+    }
+    let deadline = Instant::now() + proxy.drain_timeout();
+    tokio::select! {
+        progress = proxy.drain_until(deadline) => {
+            if progress.finished {
+                tracing::info!("drained: no request in flight");
+            } else {
+                tracing::warn!(
+                    inflight = progress.inflight,
+                    inbound_connections = progress.inbound_connections,
+                    timeout = ?proxy.drain_timeout(),
+                    "drain timeout reached; exiting with requests still open"
+                );
+            }
+        }
+        _ = signals.recv() => tracing::warn!("second signal: exiting without waiting for the drain"),
+    }
+    // Outbound listeners served the app until now; close them with what is
+    // left of the drain time (nothing is in flight unless the drain timed out).
+    proxy.shutdown_until(deadline).await;
+    tokio::join!(admin.shutdown(ADMIN_FINAL_WRITE), health.shutdown(ADMIN_FINAL_WRITE));
+    tracing::info!("exiting");
     0
 }
 
@@ -213,7 +302,9 @@ pub async fn start_proxy(
 ) -> Result<(Arc<Proxy>, Option<SocketAddr>), Vec<String>> {
     let proxy = Proxy::new(opts);
     let admin_addr = match admin {
-        Some(a) => Some(crate::admin::serve(a, proxy.clone()).await.map_err(|e| vec![format!("admin {a}: {e}")])?),
+        Some(a) => {
+            Some(crate::admin::serve(a, proxy.clone()).await.map_err(|e| vec![format!("admin {a}: {e}")])?.local_addr())
+        }
         None => None,
     };
     match proxy.reload_from_files().await {
@@ -222,24 +313,73 @@ pub async fn start_proxy(
     }
 }
 
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn wait_for_signal() {
+    Signals::new().recv().await;
+}
+
+/// SIGTERM and SIGINT, caught from the moment this is created: a signal that
+/// arrives before anyone waits is kept for the next [`Signals::recv`] instead
+/// of killing the process.
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    pub fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let term = signal(SignalKind::terminate());
+            let int = signal(SignalKind::interrupt());
+            if let Err(e) = &term {
+                tracing::warn!(error = %e, "cannot catch SIGTERM");
+            }
+            if let Err(e) = &int {
+                tracing::warn!(error = %e, "cannot catch SIGINT");
+            }
+            Signals { term: term.ok(), int: int.ok() }
+        }
+        #[cfg(not(unix))]
+        {
+            Signals {}
+        }
+    }
+
+    /// The next SIGTERM or SIGINT. Never resolves when neither can be caught.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    // `None` means the signal stream ended: nothing more comes.
+                    Some(s) => {
+                        if s.recv().await.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
                 }
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+            tokio::select! {
+                _ = next(&mut self.term) => {}
+                _ = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
             }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -292,7 +292,7 @@ pub fn main(args: SplitArgs) -> i32 {
         }
         let opts = RunOptions {
             config_paths: vec![path],
-            compile: CompileOptions { namespace: "default".into(), workload_labels: Default::default() },
+            compile: CompileOptions { namespace: "default".into(), ..Default::default() },
         };
         let code = match start_proxy(opts, Some(args.admin)).await {
             Ok((proxy, _)) => {

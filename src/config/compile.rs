@@ -50,6 +50,8 @@ pub struct CompileOptions {
     /// The proxy's workload labels (`--workload-labels`). Empty: a standalone
     /// proxy, to which every Gateway applies.
     pub workload_labels: BTreeMap<String, String>,
+    /// The workload's name (`--workload-name`), for metric labels.
+    pub workload_name: Option<String>,
 }
 
 /// Validates and compiles. On any error, returns every diagnostic (errors and
@@ -1379,6 +1381,7 @@ mod tests {
         let opts = CompileOptions {
             namespace: "default".into(),
             workload_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            workload_name: None,
         };
         compile(&set, &opts, &Registry::new())
     }

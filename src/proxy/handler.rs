@@ -18,10 +18,15 @@ use crate::route::matcher::query_value;
 use crate::route::retry::{Attempt, RetryPolicy};
 use crate::route::{AbortKind, Action, Fallback, Forward, RequestView, Route, WeightedCluster, roll};
 use crate::snapshot::{Listener, ListenerKind, Snapshot};
+use crate::telemetry::access;
+use crate::telemetry::metrics::{self, Metrics, Special};
 use crate::upstream::lb::hash_bytes;
 use crate::upstream::outlier::Outcome;
 use crate::upstream::pool::{ActiveGuard, RetrySlot, Sent, TcpConnect, bump};
-use crate::upstream::{Cluster, ClusterShared, EndpointState, HashSource, LbPolicy, PoolSettings, UpstreamError};
+use crate::upstream::{
+    Cluster, ClusterShared, Endpoint, EndpointState, HashSource, LbPolicy, PoolSettings, UpstreamError,
+};
+use std::sync::atomic::AtomicU64;
 
 /// Envoy's request header to override the route timeout for one request.
 const TIMEOUT_OVERRIDE: HeaderName = HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
@@ -43,15 +48,27 @@ pub struct ProxyState {
     passthrough: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
     /// Limits and stats of `PassthroughCluster` (ALLOW_ANY destinations).
     passthrough_cluster: Arc<ClusterShared>,
+    /// Requests being served on any listener, until their response has been
+    /// streamed (drain waits for this to reach zero).
+    inflight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Istio's standard metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl ProxyState {
-    pub fn new(snapshot: Arc<Snapshot>) -> Arc<Self> {
+    pub fn new(snapshot: Arc<Snapshot>, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(ProxyState {
             snapshot: ArcSwap::new(snapshot),
             passthrough: Mutex::new(HashMap::new()),
             passthrough_cluster: ClusterShared::new(PoolSettings::default(), None, Arc::new(TcpConnect)),
+            inflight: Arc::default(),
+            metrics,
         })
+    }
+
+    /// Requests in flight on all listeners.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn passthrough_endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
@@ -75,50 +92,175 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
 }
 
-/// Per-request facts reported once the response is ready (access log).
+/// Per-request facts gathered while routing, reported when the response has
+/// been streamed (metrics and access log).
+#[derive(Default)]
 struct LogFacts {
     flags: &'static str,
     upstream: Option<SocketAddr>,
     cluster: Option<Arc<str>>,
+    route: Option<Arc<str>>,
+    /// The metrics series of the destination (endpoint, or cluster when none
+    /// was picked, or a special destination).
+    target: Option<Arc<metrics::Target>>,
+    upstream_time: Option<Duration>,
+}
+
+/// Counts a request in flight until dropped.
+struct Inflight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// What is reported when a request ends: Istio metrics and the access log.
+/// Dropped without [`Finish::done`] (the client went away before a response),
+/// it reports response code 0 with flag `DC`, as Envoy.
+struct Finish {
+    start: Instant,
+    wall: Option<std::time::SystemTime>,
+    grpc: bool,
+    request_bytes: Arc<AtomicU64>,
+    request_head: u64,
+    facts: LogFacts,
+    fallback: Arc<metrics::Target>,
+    log: Option<access::Entry>,
+    status: u16,
+    response_head: u64,
+    grpc_status: Option<u32>,
+    reported: bool,
+    _inflight: Inflight,
+}
+
+impl Finish {
+    fn report(&mut self, response_body: u64, completed: bool) {
+        if self.reported {
+            return;
+        }
+        self.reported = true;
+        let mut flags = self.facts.flags;
+        if !completed {
+            flags = if flags == "-" { "DC" } else { flags };
+        }
+        let code = if self.status == 0 { 0 } else { self.status };
+        let outcome = metrics::Outcome { grpc: self.grpc, code, grpc_status: self.grpc_status, flags };
+        let duration = self.start.elapsed();
+        let req_bytes = self.request_head + self.request_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let resp_bytes = if self.status == 0 { 0 } else { self.response_head + response_body };
+        let target = self.facts.target.as_ref().unwrap_or(&self.fallback);
+        target.record(outcome, duration, req_bytes, resp_bytes);
+        if let Some(mut e) = self.log.take() {
+            e.start = self.wall;
+            e.status = code;
+            e.flags = flags;
+            e.bytes_received = req_bytes;
+            e.bytes_sent = resp_bytes;
+            e.duration_ms = duration.as_millis() as u64;
+            e.upstream_service_time_ms = self.facts.upstream_time.map(|d| d.as_millis() as u64);
+            e.upstream_host = self.facts.upstream.map(|a| a.to_string());
+            e.cluster = self.facts.cluster.as_deref().map(str::to_string);
+            e.route = self.facts.route.as_deref().map(str::to_string);
+            access::log(e);
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        // Not reported yet: the client went away before the response began.
+        self.status = 0;
+        self.report(0, false);
+    }
+}
+
+/// Approximate wire size of a header block (`name: value\r\n`).
+fn head_bytes(headers: &HeaderMap) -> u64 {
+    headers.iter().map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64).sum::<u64>() + 2
 }
 
 pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incoming>) -> Response<Body> {
-    // The access log is a debug-level event; its fields are only gathered when
-    // someone listens, so the common path allocates nothing for it.
-    let log = tracing::enabled!(target: "remora::access", tracing::Level::DEBUG)
-        .then(|| (Instant::now(), req.method().clone(), req.uri().path().to_string()));
-    let grpc = is_grpc(req.headers());
+    state.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let inflight = Inflight(state.inflight.clone());
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    // Generated here (not only upstream) so the access log carries it.
+    if !parts.headers.contains_key(X_REQUEST_ID)
+        && let Ok(v) = HeaderValue::from_str(&uuid_v4())
+    {
+        parts.headers.insert(X_REQUEST_ID, v);
+    }
+    let grpc = is_grpc(&parts.headers);
+    let log = access::enabled().then(|| access::Entry {
+        method: parts.method.to_string(),
+        path: parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default(),
+        protocol: match parts.version {
+            Version::HTTP_10 => "HTTP/1.0",
+            Version::HTTP_2 => "HTTP/2",
+            _ => "HTTP/1.1",
+        },
+        authority: parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+            .unwrap_or("-")
+            .to_string(),
+        request_id: parts.headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string(),
+        user_agent: parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
+        peer: conn.peer.to_string(),
+        ..Default::default()
+    });
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let request_head = head_bytes(&parts.headers) + parts.uri.to_string().len() as u64 + 14;
+    let req = Request::from_parts(parts, body::boxed(body::Counted::new(body, request_bytes.clone())));
     let snapshot = state.snapshot.load_full();
-    let mut outcome = LogFacts { flags: "-", upstream: None, cluster: None };
+    let fallback = state.metrics.special(match snapshot.listener(&conn.local).map(|l| l.kind) {
+        Some(ListenerKind::SidecarIngress) => Special::InboundUnknown,
+        _ => Special::Unknown,
+    });
+    let mut finish = Finish {
+        start,
+        wall: log.is_some().then(std::time::SystemTime::now),
+        grpc,
+        request_bytes,
+        request_head,
+        facts: LogFacts { flags: "-", ..Default::default() },
+        fallback,
+        log,
+        status: 0,
+        response_head: 0,
+        grpc_status: None,
+        reported: false,
+        _inflight: inflight,
+    };
     let resp = match snapshot.listener(&conn.local) {
-        Some(listener) => match route_request(&state, &snapshot, listener, conn, req, &mut outcome).await {
+        Some(listener) => match route_request(&state, &snapshot, listener, conn, req, &mut finish.facts).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(grpc),
         },
         None => ProxyError::ListenerGone.into_response(grpc),
     };
-    if let Some((start, method, path)) = log {
-        let flags = resp.extensions().get::<ResponseFlag>().map(|f| f.0).unwrap_or(outcome.flags);
-        tracing::debug!(
-            target: "remora::access",
-            method = %method,
-            path = %path,
-            status = resp.status().as_u16(),
-            flags,
-            cluster = outcome.cluster.as_deref().unwrap_or("-"),
-            upstream = ?outcome.upstream,
-            duration_ms = start.elapsed().as_millis() as u64,
-            "request"
-        );
+    if let Some(f) = resp.extensions().get::<ResponseFlag>() {
+        finish.facts.flags = f.0;
     }
-    resp
+    finish.status = resp.status().as_u16();
+    finish.response_head = head_bytes(resp.headers()) + 17;
+    finish.grpc_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let (rparts, rbody) = resp.into_parts();
+    let body = body::boxed(body::Finished::new(rbody, move |bytes, completed| {
+        let mut f = finish;
+        f.report(bytes, completed);
+    }));
+    Response::from_parts(rparts, body)
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
-fn authority_of(req: &Request<Incoming>) -> Option<String> {
+fn authority_of(req: &Request<Body>) -> Option<String> {
     if let Some(a) = req.uri().authority() {
         return Some(a.as_str().to_string());
     }
@@ -130,7 +272,7 @@ async fn route_request(
     snapshot: &Snapshot,
     listener: &Listener,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<Body>,
     outcome: &mut LogFacts,
 ) -> Result<Response<Body>, ProxyError> {
     let authority = authority_of(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
@@ -149,13 +291,19 @@ async fn route_request(
     let Some(vh) = listener.routes.find(&authority) else {
         return match listener.routes.fallback {
             Fallback::NotFound => Err(ProxyError::NoRoute),
-            Fallback::BlackHole => Err(ProxyError::BlackHole),
+            Fallback::BlackHole => {
+                outcome.target = Some(state.metrics.special(Special::BlackHole));
+                Err(ProxyError::BlackHole)
+            }
             Fallback::Passthrough => passthrough(state, snapshot, conn, req, &authority, outcome).await,
         };
     };
     let Some(route) = vh.find(&view) else {
         return Err(ProxyError::NoRoute);
     };
+    if access::enabled() {
+        outcome.route = Some(Arc::from(route.name.as_str()));
+    }
     match &route.action {
         Action::Direct(d) => {
             let mut resp = Response::new(body::full(d.body.clone()));
@@ -189,7 +337,7 @@ async fn forward(
     fwd: &Forward,
     listener: &Listener,
     conn: ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     authority: &str,
     scheme: &str,
     path: &str,
@@ -268,7 +416,11 @@ async fn forward(
     let (sent, endpoint, guard, urx) = match done {
         Ok(x) => x,
         Err((e, endpoint)) => {
-            outcome.upstream = endpoint;
+            outcome.upstream = endpoint.as_ref().map(|e| e.state.addr);
+            outcome.target = Some(match endpoint {
+                Some(e) => e.metrics,
+                None => cluster.cluster_metrics.clone(),
+            });
             return Err(e);
         }
     };
@@ -276,7 +428,10 @@ async fn forward(
         outcome.flags = "URX";
     }
     let elapsed = started.elapsed();
-    outcome.upstream = Some(endpoint);
+    outcome.upstream = Some(endpoint.state.addr);
+    outcome.upstream_time = Some(elapsed);
+    let tunnel_metrics = endpoint.metrics.clone();
+    outcome.target = Some(endpoint.metrics);
     let mut resp = sent.response;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
@@ -284,7 +439,7 @@ async fn forward(
             return Err(ProxyError::UpstreamProtocol);
         };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, Some(tunnel_metrics)));
     }
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers, switching);
@@ -319,7 +474,12 @@ async fn forward(
 
 /// Copies bytes both ways between an upgraded client connection and the
 /// upgraded upstream connection (WebSocket and other HTTP/1.1 upgrades).
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// The tunnel is reported in Istio's TCP metrics when `metrics` is given.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    metrics: Option<Arc<metrics::Target>>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(x) => x,
         Err(e) => {
@@ -327,10 +487,20 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
             return;
         }
     };
+    if let Some(m) = &metrics {
+        m.tcp_opened();
+    }
     let mut client = hyper_util::rt::TokioIo::new(client);
     let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended with error");
+    let (received, sent) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok(counts) => counts,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgraded connection ended with error");
+            (0, 0)
+        }
+    };
+    if let Some(m) = &metrics {
+        m.tcp_closed(sent, received);
     }
 }
 
@@ -360,7 +530,7 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// policy generates its cookie.
 fn hash_key(
     lb: &LbPolicy,
-    req: &Request<Incoming>,
+    req: &Request<Body>,
     peer: IpAddr,
     query: Option<&str>,
 ) -> (Option<u64>, Option<HeaderValue>) {
@@ -537,7 +707,7 @@ impl BodySource {
     }
 }
 
-type Exchanged = (Sent, SocketAddr, ActiveGuard, bool);
+type Exchanged = (Sent, Endpoint, ActiveGuard, bool);
 
 /// One request's attempts against a cluster: endpoint picks, per-try and
 /// route timeouts, retries with backoff, outlier-detection accounting.
@@ -567,30 +737,29 @@ impl Exchange<'_> {
     /// Runs attempts until one gives a response to return or a failure that
     /// is not retried. The flag is true when retries ran out on a retriable
     /// outcome (Envoy's `URX`).
-    async fn run(
-        &self,
-        source: &mut BodySource,
-        method: Method,
-    ) -> Result<Exchanged, (ProxyError, Option<SocketAddr>)> {
+    async fn run(&self, source: &mut BodySource, method: Method) -> Result<Exchanged, (ProxyError, Option<Endpoint>)> {
         let shared = self.cluster.shared();
         let stats = &shared.stats;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut handed_back: Option<Request<Body>> = None;
         let mut _retry_slot: Option<RetrySlot> = None;
         let mut attempt: u32 = 0;
+        let mut last: Option<Endpoint> = None;
         loop {
             attempt += 1;
             let avoid: &[SocketAddr] = if self.policy.is_some_and(|p| p.avoid_previous_hosts) { &tried } else { &[] };
-            let Some(ep) = self.cluster.pick(self.hash, avoid) else {
-                return Err((ProxyError::NoHealthyUpstream, tried.last().copied()));
+            let Some(picked) = self.cluster.pick(self.hash, avoid) else {
+                return Err((ProxyError::NoHealthyUpstream, last));
             };
+            let ep = picked.state.clone();
+            last = Some(picked.clone());
             tried.push(ep.addr);
             let guard = ep.begin_request();
             let req = match handed_back.take() {
                 Some(r) => r,
                 None => match source.take() {
                     Some(b) => self.request(&method, b),
-                    None => return Err((ProxyError::ConnectFailure, Some(ep.addr))),
+                    None => return Err((ProxyError::ConnectFailure, Some(picked.clone()))),
                 },
             };
             let req = finish_request(req, &ep, &self.target, attempt);
@@ -624,32 +793,32 @@ impl Exchange<'_> {
                         if attempt > 1 {
                             bump(&stats.upstream_rq_retry_success);
                         }
-                        return Ok((sent, ep.addr, guard, false));
+                        return Ok((sent, picked.clone(), guard, false));
                     }
                     if !self.may_retry(attempt, source) {
-                        return Ok((sent, ep.addr, guard, self.exhausted(attempt)));
+                        return Ok((sent, picked.clone(), guard, self.exhausted(attempt)));
                     }
                     match shared.begin_retry() {
                         Some(slot) => _retry_slot = Some(slot),
-                        None => return Ok((sent, ep.addr, guard, false)),
+                        None => return Ok((sent, picked.clone(), guard, false)),
                     }
                     drop(sent);
                     drop(guard);
                     if !self.backoff(attempt).await {
                         bump(&stats.upstream_rq_timeout);
-                        return Err((ProxyError::Timeout, Some(ep.addr)));
+                        return Err((ProxyError::Timeout, Some(picked.clone())));
                     }
                     continue;
                 }
                 Err((Failure::Upstream(UpstreamError::Overflow(_)), _)) => {
                     // Overflows are the proxy's own limits: never retried and
                     // never held against the endpoint.
-                    return Err((ProxyError::Overflow, Some(ep.addr)));
+                    return Err((ProxyError::Overflow, Some(picked.clone())));
                 }
                 Err((Failure::RouteTimeout, _)) => {
                     record(Outcome::Timeout);
                     bump(&stats.upstream_rq_timeout);
-                    return Err((ProxyError::Timeout, Some(ep.addr)));
+                    return Err((ProxyError::Timeout, Some(picked.clone())));
                 }
                 Err((Failure::PerTryTimeout, _)) => {
                     record(Outcome::Timeout);
@@ -667,20 +836,20 @@ impl Exchange<'_> {
             drop(guard);
             let retriable = self.policy.is_some_and(|p| p.retriable(attempt_kind));
             if !retriable {
-                return Err((error, Some(ep.addr)));
+                return Err((error, Some(picked.clone())));
             }
             let replayable = handed_back.is_some() || source.can_replay();
             if !replayable || !self.may_retry_count(attempt) {
                 let err = if self.exhausted(attempt) { ProxyError::Exhausted(Box::new(error)) } else { error };
-                return Err((err, Some(ep.addr)));
+                return Err((err, Some(picked.clone())));
             }
             match shared.begin_retry() {
                 Some(slot) => _retry_slot = Some(slot),
-                None => return Err((error, Some(ep.addr))),
+                None => return Err((error, Some(picked.clone()))),
             }
             if !self.backoff(attempt).await {
                 bump(&stats.upstream_rq_timeout);
-                return Err((ProxyError::Timeout, Some(ep.addr)));
+                return Err((ProxyError::Timeout, Some(picked.clone())));
             }
         }
     }
@@ -784,6 +953,7 @@ fn spawn_mirror(cluster: Arc<Cluster>, parts: &http::request::Parts, t: &Target<
             bump(&stats.upstream_rq_mirror_dropped);
             return;
         };
+        let ep = ep.state;
         let _guard = ep.begin_request();
         let target = Target { authority: &authority, path: &path, query: query.as_deref() };
         let (head, ()) = req.into_parts();
@@ -813,11 +983,12 @@ async fn passthrough(
     state: &Arc<ProxyState>,
     snapshot: &Snapshot,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<Body>,
     authority: &str,
     outcome: &mut LogFacts,
 ) -> Result<Response<Body>, ProxyError> {
     outcome.cluster = Some(Arc::from("PassthroughCluster"));
+    outcome.target = Some(state.metrics.special(Special::Passthrough));
     let host = crate::route::strip_port(authority).to_string();
     let port = authority
         .rsplit_once(':')
@@ -854,7 +1025,7 @@ async fn passthrough(
     if switching {
         let Some(client_upgrade) = upgrade else { return Err(ProxyError::UpstreamProtocol) };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, Some(state.metrics.special(Special::Passthrough))));
     }
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers, switching);

@@ -5,11 +5,16 @@
 //! and closes listeners it removes after: they stop accepting and their open
 //! connections are drained gracefully. Listeners the reload keeps are not
 //! touched, so their connections never notice the change.
+//!
+//! A process drain stops a subset of listeners the same way (the inbound
+//! ones, by [`ListenerKind`]) and keeps the others serving; every listener
+//! counts its open connections so the drain can tell when none remain.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,8 +26,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use super::handler::{self, ConnInfo, ProxyState};
+use crate::snapshot::ListenerKind;
 
 /// Time allowed to read a request's headers (slowloris guard).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
@@ -42,8 +49,12 @@ pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// so without this a client that connects and sends nothing holds the
 /// connection forever. Same bound as the request head.
 pub const PROTOCOL_DETECT_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
-/// How long a removed listener's connections may take to finish.
+/// How long a listener removed by a reload gives its connections to finish
+/// (long requests and downloads; the process keeps running meanwhile).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after a failed accept (out of file descriptors and the like), so the
+/// loop does not spin while the condition lasts.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The server settings shared by every connection.
 pub fn http_builder() -> auto::Builder<TokioExecutor> {
@@ -61,15 +72,51 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// Counters of one listener, shared between its accept loop and the manager.
+struct Track {
+    /// Connections accepted and not yet closed.
+    connections: AtomicUsize,
+    /// True once the accept loop has ended: socket closed, no connection left.
+    done: watch::Sender<bool>,
+}
+
+impl Track {
+    fn new() -> Arc<Self> {
+        Arc::new(Track { connections: AtomicUsize::new(0), done: watch::Sender::new(false) })
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    fn is_done(&self) -> bool {
+        *self.done.borrow()
+    }
+}
+
 struct Running {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    /// `Some(bound)` tells the accept loop to stop and give its open
+    /// connections at most `bound` to finish.
+    stop: watch::Sender<Option<Duration>>,
+    track: Arc<Track>,
+}
+
+/// One listener as [`ListenerManager::status`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerStatus {
+    pub addr: SocketAddr,
+    /// False once the listener was told to stop (removed by a reload, or drained).
+    pub accepting: bool,
+    /// Open downstream connections.
+    pub connections: usize,
 }
 
 /// The set of bound listeners, reconciled with each snapshot.
 pub struct ListenerManager {
     state: Arc<ProxyState>,
     running: Mutex<HashMap<SocketAddr, Running>>,
+    /// Listeners told to stop whose connections may still be open.
+    closing: Mutex<Vec<(SocketAddr, Arc<Track>)>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
 }
 
@@ -79,16 +126,85 @@ pub struct Prepared {
     removed: Vec<SocketAddr>,
 }
 
-impl ListenerManager {
-    pub fn new(state: Arc<ProxyState>) -> Self {
-        ListenerManager { state, running: Mutex::new(HashMap::new()), builder: Arc::new(http_builder()) }
+/// Listeners that were told to stop: they accept nothing more and their open
+/// connections are finishing.
+#[derive(Clone, Default)]
+pub struct Stopping {
+    listeners: Vec<(SocketAddr, Arc<Track>)>,
+}
+
+impl Stopping {
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|(a, _)| *a).collect()
     }
 
-    /// Addresses currently served.
+    /// Connections still open on these listeners.
+    pub fn open_connections(&self) -> usize {
+        self.listeners.iter().map(|(_, t)| t.connections()).sum()
+    }
+
+    /// True once every one of these listeners has closed its last connection.
+    pub fn is_done(&self) -> bool {
+        self.listeners.iter().all(|(_, t)| t.is_done())
+    }
+
+    /// Resolves when [`Stopping::is_done`]: each listener's connections have
+    /// finished or been closed at the end of its drain bound.
+    pub async fn wait(&self) {
+        for (_, t) in &self.listeners {
+            let mut done = t.done.subscribe();
+            // The sender lives in `t`, so this only ends with `true`.
+            let _ = done.wait_for(|d| *d).await;
+        }
+    }
+}
+
+impl ListenerManager {
+    pub fn new(state: Arc<ProxyState>) -> Self {
+        ListenerManager {
+            state,
+            running: Mutex::new(HashMap::new()),
+            closing: Mutex::new(Vec::new()),
+            builder: Arc::new(http_builder()),
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn closing(&self) -> std::sync::MutexGuard<'_, Vec<(SocketAddr, Arc<Track>)>> {
+        let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
+        closing.retain(|(_, t)| !t.is_done());
+        closing
+    }
+
+    /// Addresses currently accepting.
     pub fn addresses(&self) -> Vec<SocketAddr> {
-        let mut v: Vec<_> = self.running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let mut v: Vec<_> = self.running().keys().copied().collect();
         v.sort();
         v
+    }
+
+    /// Every listener that accepts or still has connections, by address.
+    pub fn status(&self) -> Vec<ListenerStatus> {
+        let mut v: Vec<_> = self
+            .running()
+            .iter()
+            .map(|(addr, r)| ListenerStatus { addr: *addr, accepting: true, connections: r.track.connections() })
+            .collect();
+        v.extend(self.closing().iter().map(|(addr, t)| ListenerStatus {
+            addr: *addr,
+            accepting: false,
+            connections: t.connections(),
+        }));
+        v.sort_by_key(|s| (s.addr, !s.accepting));
+        v
+    }
+
+    /// Open downstream connections on all listeners, stopping ones included.
+    pub fn open_connections(&self) -> usize {
+        self.status().iter().map(|s| s.connections).sum()
     }
 
     /// Binds every listener in `wanted` that is not running yet. On any
@@ -116,40 +232,61 @@ impl ListenerManager {
     /// Starts the listeners bound by `prepare` and stops the removed ones. Call
     /// right after the snapshot that wants them has been published.
     pub fn commit(&self, prepared: Prepared) {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        for addr in prepared.removed {
-            if let Some(r) = running.remove(&addr) {
-                tracing::info!(%addr, "closing listener");
-                let _ = r.stop.send(true);
-            }
+        let removed = self.stop_where(|addr| prepared.removed.contains(&addr), DRAIN_TIMEOUT);
+        for addr in removed.addresses() {
+            tracing::info!(%addr, "closing listener");
         }
+        let mut running = self.running();
         for (addr, listener) in prepared.new {
-            let (stop, stop_rx) = watch::channel(false);
+            let (stop, stop_rx) = watch::channel(None);
+            let track = Track::new();
             tracing::info!(%addr, "listening");
-            let task = tokio::spawn(accept_loop(listener, addr, self.state.clone(), self.builder.clone(), stop_rx));
-            running.insert(addr, Running { stop, task });
+            tokio::spawn(accept_loop(listener, addr, self.state.clone(), self.builder.clone(), stop_rx, track.clone()));
+            running.insert(addr, Running { stop, track });
         }
     }
 
-    /// Stops every listener: no new connections; open ones finish their
-    /// requests (HTTP/1.1 keep-alive ends, HTTP/2 gets GOAWAY). Resolves when
-    /// all have drained or [`DRAIN_TIMEOUT`] passed.
-    pub fn stop_all(&self) -> impl std::future::Future<Output = ()> + use<> {
-        let drained: Vec<_> = {
-            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            running
-                .drain()
-                .map(|(_, r)| {
-                    let _ = r.stop.send(true);
-                    r.task
+    /// Stops the listeners whose address `pick` selects: they stop accepting
+    /// at once (new connections are refused), and their open connections
+    /// finish their requests — HTTP/1.1 responses carry `Connection: close`,
+    /// HTTP/2 clients get GOAWAY — for at most `drain`, after which the
+    /// remaining ones are closed. The others are not touched.
+    pub fn stop_where(&self, pick: impl Fn(SocketAddr) -> bool, drain: Duration) -> Stopping {
+        let stopped: Vec<(SocketAddr, Arc<Track>)> = {
+            let mut running = self.running();
+            let addrs: Vec<SocketAddr> = running.keys().copied().filter(|a| pick(*a)).collect();
+            addrs
+                .into_iter()
+                .filter_map(|addr| running.remove(&addr).map(|r| (addr, r)))
+                .map(|(addr, r)| {
+                    r.stop.send_replace(Some(drain));
+                    (addr, r.track)
                 })
                 .collect()
         };
-        async move {
-            for t in drained {
-                let _ = t.await;
-            }
-        }
+        self.closing().extend(stopped.iter().cloned());
+        Stopping { listeners: stopped }
+    }
+
+    /// Stops the listeners of the given kinds in the current snapshot, as
+    /// [`ListenerManager::stop_where`] does.
+    pub fn stop_kinds(&self, kinds: &[ListenerKind], drain: Duration) -> Stopping {
+        let snapshot = self.state.snapshot.load();
+        self.stop_where(|addr| snapshot.listener(&addr).is_some_and(|l| kinds.contains(&l.kind)), drain)
+    }
+
+    /// Stops every listener (see [`ListenerManager::stop_where`]); the handle
+    /// also covers listeners that were already stopping.
+    pub fn stop_all(&self, drain: Duration) -> Stopping {
+        let mut stopping = self.stop_where(|_| true, drain);
+        let already: Vec<_> = self
+            .closing()
+            .iter()
+            .filter(|(_, t)| !stopping.listeners.iter().any(|(_, s)| Arc::ptr_eq(s, t)))
+            .cloned()
+            .collect();
+        stopping.listeners.extend(already);
+        stopping
     }
 }
 
@@ -163,24 +300,59 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// Counts one open connection for as long as it lives.
+struct ConnGuard(Arc<Track>);
+
+impl ConnGuard {
+    fn new(track: &Arc<Track>) -> Self {
+        track.connections.fetch_add(1, Ordering::AcqRel);
+        ConnGuard(track.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Marks the listener done when its accept loop ends, however it ends.
+struct DoneOnDrop(Arc<Track>);
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        self.0.done.send_replace(true);
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     addr: SocketAddr,
     state: Arc<ProxyState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Option<Duration>>,
+    track: Arc<Track>,
 ) {
+    let _done = DoneOnDrop(track.clone());
     let graceful = GracefulShutdown::new();
-    loop {
+    let mut conns = JoinSet::new();
+    let drain = loop {
         tokio::select! {
-            _ = stop.changed() => break,
+            changed = stop.changed() => {
+                // A dropped sender (the manager is gone) stops the listener too.
+                let bound = if changed.is_ok() { *stop.borrow_and_update() } else { Some(DRAIN_TIMEOUT) };
+                if let Some(bound) = bound {
+                    break bound;
+                }
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
                         // Out of fds and the like: back off instead of spinning.
                         tracing::warn!(%addr, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 };
@@ -194,18 +366,24 @@ async fn accept_loop(
                 let io = TokioIo::new(DetectDeadline::new(stream, PROTOCOL_DETECT_TIMEOUT));
                 let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
                 let watched = graceful.watch(served);
-                tokio::spawn(async move {
+                let open = ConnGuard::new(&track);
+                conns.spawn(async move {
+                    let _open = open;
                     if let Err(e) = watched.await {
                         tracing::debug!(%peer, error = %e, "connection ended with error");
                     }
                 });
             }
         }
-    }
+    };
+    // New connections are refused from here on.
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::warn!(%addr, "listener drain timed out; remaining connections are closed");
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(%addr, open = track.connections(), "listener drain timed out; closing the remaining connections");
+        conns.abort_all();
     }
+    // Aborted tasks end at their next poll; finished ones are only reaped here.
+    while conns.join_next().await.is_some() {}
 }
 
 /// The HTTP/2 client preface; a connection that starts with it is h2c.

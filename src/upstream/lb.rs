@@ -4,7 +4,6 @@
 //! smooth weighted round-robin schedule, the hash ring) is computed once when
 //! the set is built, so a pick is a few arithmetic operations and atomics.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -85,13 +84,13 @@ impl EndpointSet {
         self.cumulative.partition_point(|&c| c <= r)
     }
 
-    pub fn pick(&self, policy: &LbPolicy, hash: Option<u64>, rr: &AtomicUsize) -> Option<Arc<EndpointState>> {
+    pub fn pick(&self, policy: &LbPolicy, hash: Option<u64>, rr: &AtomicUsize) -> Option<&Endpoint> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
         }
         if n == 1 {
-            return Some(self.endpoints[0].state.clone());
+            return self.endpoints.first();
         }
         let idx = match policy {
             LbPolicy::Random => self.weighted_random(),
@@ -115,7 +114,7 @@ impl EndpointSet {
                 None => self.weighted_random(),
             },
         };
-        self.endpoints.get(idx).map(|e| e.state.clone())
+        self.endpoints.get(idx)
     }
 }
 
@@ -129,13 +128,13 @@ impl EndpointSet {
         policy: &LbPolicy,
         hash: Option<u64>,
         ok: impl Fn(&EndpointState) -> bool,
-    ) -> Option<Arc<EndpointState>> {
+    ) -> Option<&Endpoint> {
         if let (LbPolicy::ConsistentHash { .. }, Some(h), false) = (policy, hash, self.ring.is_empty()) {
             let start = self.ring.partition_point(|(k, _)| *k < h);
             for i in 0..self.ring.len() {
                 let idx = self.ring[(start + i) % self.ring.len()].1 as usize;
                 if ok(&self.endpoints[idx].state) {
-                    return Some(self.endpoints[idx].state.clone());
+                    return Some(&self.endpoints[idx]);
                 }
             }
             return None;
@@ -149,7 +148,7 @@ impl EndpointSet {
         for e in &candidates {
             let w = u64::from(e.weight.max(1));
             if r < w {
-                return Some(e.state.clone());
+                return Some(e);
             }
             r -= w;
         }

@@ -10,6 +10,8 @@ pub mod lb;
 pub mod outlier;
 pub mod pool;
 
+use crate::telemetry::metrics;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -78,6 +80,8 @@ pub struct Endpoint {
     pub state: Arc<EndpointState>,
     pub weight: u32,
     pub labels: Arc<BTreeMap<String, String>>,
+    /// Istio metrics for requests to this endpoint.
+    pub metrics: Arc<metrics::Target>,
 }
 
 /// A cluster in one snapshot.
@@ -94,6 +98,9 @@ pub struct Cluster {
     pub policy_json: serde_json::Value,
     endpoints: ArcSwap<lb::EndpointSet>,
     state: Arc<ClusterState>,
+    metrics: Arc<metrics::Metrics>,
+    /// Istio metrics for requests that reached no endpoint (UH, UO, ...).
+    pub cluster_metrics: Arc<metrics::Target>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -122,6 +129,7 @@ impl Cluster {
                 state: self.state.endpoint(s.addr),
                 weight: s.weight.max(1),
                 labels: Arc::new(s.labels.clone()),
+                metrics: self.metrics.target(self.reporter(), self.destination(&s.labels)),
             })
             .collect();
         lb::EndpointSet::new(eps, &self.lb)
@@ -131,19 +139,46 @@ impl Cluster {
     /// key when the policy uses one. Ejected endpoints are skipped (unless the
     /// cluster is in panic mode), and so are `avoid` (hosts a retry already
     /// tried) while others remain. `None` when no endpoint is available.
-    pub fn pick(&self, hash: Option<u64>, avoid: &[SocketAddr]) -> Option<Arc<EndpointState>> {
+    pub fn pick(&self, hash: Option<u64>, avoid: &[SocketAddr]) -> Option<Endpoint> {
         let set = self.endpoints.load();
         let panic = self.state.shared.detector.as_ref().is_some_and(|d| d.panic(set.len()));
         let healthy = |e: &EndpointState| panic || !e.is_ejected();
         // Envoy's host-selection retry: re-pick a few times before filtering.
         for _ in 0..HOST_SELECTION_ATTEMPTS {
             let ep = set.pick(&self.lb, hash, &self.state.rr)?;
-            if healthy(&ep) && !avoid.contains(&ep.addr) {
-                return Some(ep);
+            if healthy(&ep.state) && !avoid.contains(&ep.state.addr) {
+                return Some(ep.clone());
             }
         }
         set.pick_filtered(&self.lb, hash, |e| healthy(e) && !avoid.contains(&e.addr))
             .or_else(|| set.pick_filtered(&self.lb, hash, healthy))
+            .cloned()
+    }
+
+    fn reporter(&self) -> metrics::Reporter {
+        match self.key.direction {
+            Direction::Outbound => metrics::Reporter::Source,
+            Direction::Inbound => metrics::Reporter::Destination,
+        }
+    }
+
+    /// The metrics' view of this cluster with an endpoint's labels.
+    fn destination(&self, labels: &BTreeMap<String, String>) -> metrics::Destination {
+        let (service, namespace) = match self.key.direction {
+            Direction::Outbound => {
+                let ns = self
+                    .key
+                    .host
+                    .strip_suffix(".svc.cluster.local")
+                    .and_then(|p| p.split_once('.'))
+                    .map(|(_, ns)| ns.to_string());
+                (self.key.host.clone(), ns)
+            }
+            // The inbound side serves this workload; Istio names the
+            // service after it.
+            Direction::Inbound => (String::new(), None),
+        };
+        metrics::Destination { service, service_name: None, namespace, labels: labels.clone() }
     }
 
     /// The stats, limits and detector shared by this cluster's endpoints.
@@ -209,9 +244,15 @@ impl ClusterState {
 /// the same pool and outlier settings.
 type StateKey = (ClusterKey, PoolSettings, Option<OutlierConfig>);
 
-#[derive(Default)]
 pub struct Registry {
     states: Mutex<HashMap<StateKey, Weak<ClusterState>>>,
+    metrics: Arc<metrics::Metrics>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::with_metrics(metrics::Metrics::new(metrics::Workload::default()))
+    }
 }
 
 /// What the compiler knows about a cluster before runtime state is attached.
@@ -230,6 +271,15 @@ pub struct ClusterSpec {
 impl Registry {
     pub fn new() -> Self {
         Registry::default()
+    }
+
+    /// A registry whose clusters report into `metrics`.
+    pub fn with_metrics(metrics: Arc<metrics::Metrics>) -> Self {
+        Registry { states: Mutex::new(HashMap::new()), metrics }
+    }
+
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.metrics
     }
 
     /// Builds a cluster for a snapshot, reusing the runtime state of the same
@@ -270,6 +320,12 @@ impl Registry {
             policy_json: spec.policy_json,
             endpoints: ArcSwap::from_pointee(lb::EndpointSet::default()),
             state,
+            metrics: self.metrics.clone(),
+            cluster_metrics: self.metrics.special(metrics::Special::Unknown),
+        };
+        let cluster = Cluster {
+            cluster_metrics: cluster.metrics.target(cluster.reporter(), cluster.destination(&BTreeMap::new())),
+            ..cluster
         };
         cluster.set_endpoints(&spec.endpoints);
         Arc::new(cluster)

@@ -44,7 +44,7 @@ impl TestProxy {
         std::fs::write(&config, yaml).unwrap();
         let opts = RunOptions {
             config_paths: vec![dir.path().to_path_buf()],
-            compile: CompileOptions { namespace: "default".into(), workload_labels: labels },
+            compile: CompileOptions { namespace: "default".into(), workload_labels: labels, ..Default::default() },
         };
         let (proxy, admin) = remora::cli::start_proxy(opts, Some("127.0.0.1:0".parse().unwrap()))
             .await
