@@ -688,3 +688,30 @@ async fn dns_endpoints_are_resolved() {
     let (status, body) = get(&client(), &format!("http://127.0.0.1:{port}/"), &[]).await;
     assert_eq!((status, version_of(&body).as_str()), (200, "v1"));
 }
+
+/// W3C trace context and B3 headers reach the upstream unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_headers_are_propagated() {
+    let v1 = echo("v1").await;
+    let port = free_port();
+    let yaml = format!(
+        "{}{}{}",
+        service_entry("svc", "svc.test", 80, "HTTP", &[(v1, "v1")]),
+        gateway("gw", port),
+        gateway_vs("vs", "gw", "  - route:\n    - destination:\n        host: svc.test\n")
+    );
+    let _p = TestProxy::start(&yaml).await;
+    let trace = [
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("tracestate", "congo=t61rcWkgMzE"),
+        ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+        ("x-b3-spanid", "e457b5a2e4d86bd1"),
+        ("x-b3-sampled", "1"),
+        ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+    ];
+    let (_, body) = get(&client(), &format!("http://127.0.0.1:{port}/"), &trace).await;
+    let j = echo_json(&body);
+    for (k, v) in trace {
+        assert_eq!(j["headers"][k], v, "{k}");
+    }
+}
