@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -10,4 +11,5 @@ pub mod route;
 pub mod runtime;
 pub mod snapshot;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

@@ -72,6 +72,8 @@ pub struct DrainProgress {
     pub inbound_connections: usize,
     /// Requests in flight on every listener, outbound included.
     pub inflight: usize,
+    /// Inbound connections closed unfinished when the drain timeout ran out.
+    pub cut_off: usize,
     /// True when nothing remains: the inbound listeners are closed and no
     /// request is in flight.
     pub finished: bool,
@@ -99,6 +101,9 @@ pub struct Proxy {
     drain_timeout_ms: AtomicU64,
     /// Set by `/quitquitquit`: `remora run` drains and exits.
     exit: watch::Sender<bool>,
+    /// The workload identity (`--identity-dir`), and its file watcher.
+    identity: Option<Arc<crate::tls::IdentityStore>>,
+    identity_watch: Mutex<Option<notify::RecommendedWatcher>>,
 }
 
 impl Proxy {
@@ -109,10 +114,18 @@ impl Proxy {
             labels: opts.compile.workload_labels.clone(),
         });
         let state = ProxyState::new(Arc::new(Snapshot::default()), metrics.clone());
+        let identity = opts.compile.identity_dir.as_ref().map(|_| crate::tls::IdentityStore::new());
+        let mut registry = Registry::with_metrics(metrics);
+        if let Some(store) = &identity {
+            registry = registry.with_identity(store.clone());
+            state.set_identity(store.clone());
+        }
         Arc::new(Proxy {
             listeners: ListenerManager::new(state.clone()),
             state,
-            registry: Registry::with_metrics(metrics),
+            registry,
+            identity,
+            identity_watch: Mutex::new(None),
             opts,
             status: Mutex::new(Status::default()),
             ready: AtomicBool::new(false),
@@ -128,6 +141,22 @@ impl Proxy {
 
     pub fn options(&self) -> &RunOptions {
         &self.opts
+    }
+
+    /// The workload identity store, when `--identity-dir` is set.
+    pub fn identity(&self) -> Option<&Arc<crate::tls::IdentityStore>> {
+        self.identity.as_ref()
+    }
+
+    /// Loads the workload identity and starts watching its files. A missing
+    /// or broken identity at start is an error (the caller exits).
+    pub fn start_identity(&self) -> Result<(), crate::tls::TlsError> {
+        let (Some(store), Some(dir)) = (&self.identity, &self.opts.compile.identity_dir) else { return Ok(()) };
+        let td = self.opts.compile.trust_domain().to_string();
+        store.install(crate::tls::Identity::load(dir, &td)?)?;
+        let watcher = store.watch(dir.clone(), td)?;
+        *self.identity_watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
+        Ok(())
     }
 
     /// True once a config has been applied and all its listeners are bound,
@@ -288,9 +317,16 @@ impl Proxy {
                 inbound_listeners: s.addresses(),
                 inbound_connections: s.open_connections(),
                 inflight,
+                cut_off: s.cut_off(),
                 finished: s.is_done() && inflight == 0,
             },
-            None => DrainProgress { inbound_listeners: Vec::new(), inbound_connections: 0, inflight, finished: false },
+            None => DrainProgress {
+                inbound_listeners: Vec::new(),
+                inbound_connections: 0,
+                inflight,
+                cut_off: 0,
+                finished: false,
+            },
         }
     }
 

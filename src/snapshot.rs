@@ -30,6 +30,28 @@ impl ListenerKind {
     }
 }
 
+/// What an inbound listener accepts, from PeerAuthentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InboundTls {
+    /// Plaintext only (also every gateway and egress listener).
+    #[default]
+    Disable,
+    /// mTLS or plaintext, told apart by the first byte.
+    Permissive,
+    /// mTLS only, with a client certificate from the mesh's trust bundle.
+    Strict,
+}
+
+impl InboundTls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboundTls::Disable => "DISABLE",
+            InboundTls::Permissive => "PERMISSIVE",
+            InboundTls::Strict => "STRICT",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Listener {
     /// e.g. `gateway default/bookinfo-gateway 0.0.0.0:8080`.
@@ -37,6 +59,13 @@ pub struct Listener {
     pub addr: SocketAddr,
     pub kind: ListenerKind,
     pub routes: RouteTable,
+    /// mTLS mode of a sidecar ingress listener.
+    pub tls: InboundTls,
+    /// AuthorizationPolicies enforced on this (inbound) listener.
+    pub authz: std::sync::Arc<crate::authz::Policies>,
+    /// The port authorization sees as `destination.port` (the app's port on
+    /// a sidecar ingress, the listener's on a gateway).
+    pub authz_port: u16,
 }
 
 #[derive(Debug, Default)]
@@ -92,7 +121,12 @@ impl Snapshot {
                 Fallback::Passthrough => "ALLOW_ANY",
                 Fallback::BlackHole => "REGISTRY_ONLY",
             };
-            out.push_str(&format!("  {} ({}; unknown hosts: {fallback})\n", l.name, l.kind.as_str()));
+            let mtls = if l.kind == ListenerKind::SidecarIngress {
+                format!("; mTLS {}", l.tls.as_str())
+            } else {
+                String::new()
+            };
+            out.push_str(&format!("  {} ({}; unknown hosts: {fallback}{mtls})\n", l.name, l.kind.as_str()));
             let mut seen = Vec::new();
             for (domain, vh) in vhs {
                 if seen.iter().any(|p| Arc::ptr_eq(p, &vh)) {
@@ -143,6 +177,7 @@ impl Snapshot {
                     "name": l.name,
                     "address": l.addr.to_string(),
                     "kind": l.kind.as_str(),
+                    "mtls": l.tls.as_str(),
                     "virtual_hosts": hosts,
                 })
             })

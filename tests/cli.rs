@@ -61,7 +61,12 @@ fn run_exits_64_on_an_invalid_first_config_or_bad_flags() {
     )
     .unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
-    let out = Command::new(BIN).args(["run", "--admin", &admin, "--config"]).arg(dir.path()).output().unwrap();
+    let (metrics, health) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let out = Command::new(BIN)
+        .args(["run", "--admin", &admin, "--metrics", &metrics, "--health", &health, "--config"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
     let out = Command::new(BIN).args(["run", "--no-such-flag"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -87,6 +92,10 @@ async fn run_binary_becomes_ready() {
                 "run",
                 "--admin",
                 &format!("127.0.0.1:{admin}"),
+                "--metrics",
+                &format!("127.0.0.1:{}", free_port()),
+                "--health",
+                &format!("127.0.0.1:{}", free_port()),
                 "--concurrency",
                 "1",
                 "--log-format",

@@ -532,6 +532,8 @@ async fn large_bodies_stream_with_bounded_memory() {
         .arg(dir.path())
         .arg("--admin")
         .arg(format!("127.0.0.1:{admin}"))
+        .args(["--metrics", &format!("127.0.0.1:{}", support::free_port())])
+        .args(["--health", &format!("127.0.0.1:{}", support::free_port())])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log)

@@ -65,9 +65,16 @@ pub struct ConfigArgs {
     /// Without labels the proxy is standalone: every Gateway applies.
     #[arg(long, env = "REMORA_WORKLOAD_LABELS", value_parser = parse_labels, default_value = "")]
     pub workload_labels: Labels,
-    /// This workload's name (reported in logs).
+    /// This workload's name (reported in logs and metrics).
     #[arg(long, env = "REMORA_WORKLOAD_NAME")]
     pub workload_name: Option<String>,
+    /// Directory with the workload certificate (`cert-chain.pem`, `key.pem`,
+    /// `root-cert.pem`, Istio's file-mounted layout); watched for rotation.
+    #[arg(long, env = "REMORA_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = crate::tls::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,6 +98,8 @@ impl ConfigArgs {
             namespace: self.namespace.clone(),
             workload_labels: self.workload_labels.0.clone(),
             workload_name: self.workload_name.clone(),
+            identity_dir: self.identity_dir.clone(),
+            trust_domain: self.trust_domain.clone(),
         }
     }
 }
@@ -220,6 +229,10 @@ pub async fn run(args: RunArgs) -> i32 {
     let opts = RunOptions { config_paths: args.config.config.clone(), compile: args.config.compile_options() };
     let proxy = Proxy::new(opts);
     proxy.set_drain_timeout(args.drain_timeout);
+    if let Err(e) = proxy.start_identity() {
+        eprintln!("remora: workload identity: {e}");
+        return EXIT_USAGE;
+    }
     let admin = match crate::admin::serve(args.admin, proxy.clone()).await {
         Ok(a) => a,
         Err(e) => {
@@ -271,25 +284,31 @@ pub async fn run(args: RunArgs) -> i32 {
         _ = proxy.exit_requested() => tracing::info!("exit requested on the admin API"),
     }
     let deadline = Instant::now() + proxy.drain_timeout();
-    tokio::select! {
+    let forced = tokio::select! {
         progress = proxy.drain_until(deadline) => {
-            if progress.finished {
+            if progress.finished && progress.cut_off == 0 {
                 tracing::info!("drained: no request in flight");
             } else {
                 tracing::warn!(
                     inflight = progress.inflight,
-                    inbound_connections = progress.inbound_connections,
+                    inbound_connections = progress.inbound_connections.max(progress.cut_off),
                     timeout = ?proxy.drain_timeout(),
-                    "drain timeout reached; exiting with requests still open"
+                    "drain timeout reached; requests still open are cut off"
                 );
             }
+            false
         }
-        _ = signals.recv() => tracing::warn!("second signal: exiting without waiting for the drain"),
+        _ = signals.recv() => {
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            true
+        }
+    };
+    if !forced {
+        // Outbound listeners served the app until now; close them with what
+        // is left of the drain time (nothing is in flight unless it ran out).
+        proxy.shutdown_until(deadline).await;
+        tokio::join!(admin.shutdown(ADMIN_FINAL_WRITE), health.shutdown(ADMIN_FINAL_WRITE));
     }
-    // Outbound listeners served the app until now; close them with what is
-    // left of the drain time (nothing is in flight unless the drain timed out).
-    proxy.shutdown_until(deadline).await;
-    tokio::join!(admin.shutdown(ADMIN_FINAL_WRITE), health.shutdown(ADMIN_FINAL_WRITE));
     tracing::info!("exiting");
     0
 }
@@ -307,6 +326,7 @@ pub async fn start_proxy(
         }
         None => None,
     };
+    proxy.start_identity().map_err(|e| vec![format!("workload identity: {e}")])?;
     match proxy.reload_from_files().await {
         ApplyOutcome::Rejected { errors } => Err(errors.iter().map(|e| e.to_string()).collect()),
         _ => Ok((proxy, admin_addr)),

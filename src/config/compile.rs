@@ -24,7 +24,8 @@ use crate::route::{
     Redirect, RedirectPort, Rewrite, Route, RouteMatch, RouteTable, StringMatcher, UriRewrite, VirtualHost,
     WeightedCluster,
 };
-use crate::snapshot::{Listener, ListenerKind, Snapshot};
+use crate::snapshot::{InboundTls, Listener, ListenerKind, Snapshot};
+use crate::tls::UpstreamTls;
 use crate::upstream::OutlierConfig;
 use crate::upstream::pool::Keepalive;
 use crate::upstream::{
@@ -34,6 +35,36 @@ use crate::upstream::{
 
 /// Kubernetes' cluster domain; short names expand to `name.ns.svc.cluster.local`.
 pub const DOMAIN_SUFFIX: &str = "svc.cluster.local";
+
+/// Paths of every `tls` block with mode ISTIO_MUTUAL in a DestinationRule.
+fn istio_mutual_blocks(dr: &model::DestinationRule) -> Vec<String> {
+    fn visit(base: &str, p: Option<&model::TrafficPolicy>, out: &mut Vec<String>) {
+        let Some(p) = p else { return };
+        let mutual =
+            |t: &Option<model::ClientTlsSettings>| t.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL");
+        if mutual(&p.tls) {
+            out.push(format!("{base}.tls.mode"));
+        }
+        for (i, pl) in p.port_level_settings.iter().enumerate() {
+            if mutual(&pl.tls) {
+                out.push(format!("{base}.portLevelSettings[{i}].tls.mode"));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    visit("spec.trafficPolicy", dr.traffic_policy.as_ref(), &mut out);
+    for (i, s) in dr.subsets.iter().enumerate() {
+        visit(&format!("spec.subsets[{i}].trafficPolicy"), s.traffic_policy.as_ref(), &mut out);
+    }
+    out
+}
+
+/// The endpoint label Istio's injection adds to meshed workloads; it turns on
+/// auto-mTLS towards them.
+const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// Istio's root namespace: policies there apply mesh-wide.
+const ROOT_NAMESPACE: &str = "istio-system";
 
 /// Default bind address for an egress listener that names only a port: the
 /// outbound side serves the local app, so it is not exposed beyond loopback.
@@ -52,6 +83,21 @@ pub struct CompileOptions {
     pub workload_labels: BTreeMap<String, String>,
     /// The workload's name (`--workload-name`), for metric labels.
     pub workload_name: Option<String>,
+    /// The workload identity directory (`--identity-dir`), which
+    /// `ISTIO_MUTUAL` and STRICT mTLS need.
+    pub identity_dir: Option<std::path::PathBuf>,
+    /// `--trust-domain`; empty means Istio's default, `cluster.local`.
+    pub trust_domain: String,
+}
+
+impl CompileOptions {
+    pub fn has_identity(&self) -> bool {
+        self.identity_dir.is_some()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        if self.trust_domain.is_empty() { crate::tls::DEFAULT_TRUST_DOMAIN } else { &self.trust_domain }
+    }
 }
 
 /// Validates and compiles. On any error, returns every diagnostic (errors and
@@ -64,8 +110,17 @@ pub fn compile(set: &LoadedSet, opts: &CompileOptions, registry: &Registry) -> R
     if diags.iter().any(Diagnostic::is_error) {
         return Err(diags);
     }
-    let mut c =
-        Compiler { opts, registry, diags, services: BTreeMap::new(), drs: HashMap::new(), clusters: BTreeMap::new() };
+    let authz =
+        Arc::new(crate::authz::Policies::compile(&set.resources, &opts.namespace, &opts.workload_labels, &mut diags));
+    let mut c = Compiler {
+        opts,
+        registry,
+        diags,
+        services: BTreeMap::new(),
+        drs: HashMap::new(),
+        clusters: BTreeMap::new(),
+        authz,
+    };
     c.build_registry(&set.resources);
     c.build_destination_rules(&set.resources);
     let listeners = c.build_listeners(&set.resources);
@@ -103,6 +158,7 @@ struct Service {
     ports: Vec<model::ServicePort>,
     resolution: String,
     endpoints: Vec<model::WorkloadEntry>,
+    subject_alt_names: Vec<String>,
     from: String,
 }
 
@@ -122,6 +178,8 @@ struct Compiler<'a> {
     services: BTreeMap<String, Service>,
     drs: HashMap<String, DrInfo>,
     clusters: BTreeMap<ClusterKey, Arc<crate::upstream::Cluster>>,
+    /// AuthorizationPolicies for this workload, shared by inbound listeners.
+    authz: Arc<crate::authz::Policies>,
 }
 
 fn is_http_protocol(p: &str) -> bool {
@@ -159,6 +217,7 @@ impl Compiler<'_> {
                         ports: se.ports.clone(),
                         resolution: resolution.clone(),
                         endpoints: se.endpoints.clone(),
+                        subject_alt_names: se.subject_alt_names.clone(),
                         from: r.display_name(),
                     },
                 );
@@ -169,6 +228,14 @@ impl Compiler<'_> {
     fn build_destination_rules(&mut self, resources: &[Resource]) {
         for r in resources {
             let Spec::DestinationRule(dr) = &r.spec else { continue };
+            if !self.opts.has_identity() {
+                for path in istio_mutual_blocks(dr) {
+                    self.push(r.error(
+                        path,
+                        "tls mode ISTIO_MUTUAL needs the workload identity: start remora with --identity-dir",
+                    ));
+                }
+            }
             let host = expand_host(&dr.host, &r.namespace);
             if !self.services.contains_key(&host) {
                 self.push(r.warning(
@@ -330,11 +397,14 @@ impl Compiler<'_> {
             "destinationRule": dr.map(|d| format!("{}/{}", d.namespace, d.name)),
         });
         let dr_res = dr.map(|d| d.res.clone());
+        let tls =
+            self.upstream_tls(policy.tls.as_ref(), &key, svc.subject_alt_names.clone(), &endpoints, &svc.endpoints)?;
         let cluster = self.registry.build(ClusterSpec {
             key: key.clone(),
             lb,
             settings,
             outlier,
+            tls,
             discovery,
             selector,
             endpoints,
@@ -359,6 +429,52 @@ impl Compiler<'_> {
         }
         self.clusters.insert(key, cluster.clone());
         Ok(cluster)
+    }
+
+    /// The upstream TLS of a cluster: the DestinationRule's `tls`, or
+    /// auto-mTLS for endpoints labelled `security.istio.io/tlsMode: istio`.
+    fn upstream_tls(
+        &self,
+        tls: Option<&model::ClientTlsSettings>,
+        key: &ClusterKey,
+        service_sans: Vec<String>,
+        endpoints: &[EndpointSpec],
+        entries: &[model::WorkloadEntry],
+    ) -> Result<UpstreamTls, String> {
+        let mesh = |only: Option<Vec<SocketAddr>>, sans: &[String]| UpstreamTls::IstioMutual {
+            sni: format!("outbound_.{}_.{}_.{}", key.port, key.subset.as_deref().unwrap_or(""), key.host),
+            expected: sans.to_vec(),
+            trust_domain: self.opts.trust_domain().to_string(),
+            only,
+        };
+        match tls.and_then(|t| t.mode.as_deref()) {
+            Some("ISTIO_MUTUAL") => {
+                if !self.opts.has_identity() {
+                    return Err(format!(
+                        "tls mode ISTIO_MUTUAL to {} needs the workload identity: start remora with --identity-dir",
+                        key.host
+                    ));
+                }
+                let sans = tls.map(|t| t.subject_alt_names.clone()).filter(|s| !s.is_empty()).unwrap_or(service_sans);
+                Ok(mesh(None, &sans))
+            }
+            Some(_) => Ok(UpstreamTls::Plain),
+            None => {
+                // Auto-mTLS: Istio's injection labels meshed endpoints.
+                let meshed =
+                    |labels: &BTreeMap<String, String>| labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio");
+                if !entries.iter().any(|e| meshed(&e.labels)) {
+                    return Ok(UpstreamTls::Plain);
+                }
+                if !self.opts.has_identity() {
+                    tracing::debug!(host = %key.host, "endpoints ask for mTLS, but there is no workload identity; using plaintext");
+                    return Ok(UpstreamTls::Plain);
+                }
+                let only: Vec<SocketAddr> = endpoints.iter().filter(|e| meshed(&e.labels)).map(|e| e.addr).collect();
+                let all = only.len() == endpoints.len();
+                Ok(mesh(if all { None } else { Some(only) }, &service_sans))
+            }
+        }
     }
 
     // === listeners ===
@@ -439,6 +555,9 @@ impl Compiler<'_> {
                 addr,
                 kind: ListenerKind::Gateway,
                 routes: table,
+                tls: InboundTls::Disable,
+                authz: self.authz.clone(),
+                authz_port: addr.port(),
             });
         }
     }
@@ -498,6 +617,7 @@ impl Compiler<'_> {
                 lb: LbPolicy::RoundRobin,
                 settings,
                 outlier: None,
+                tls: UpstreamTls::Plain,
                 discovery: Discovery::Static,
                 selector: BTreeMap::new(),
                 endpoints: vec![EndpointSpec { addr: endpoint, weight: 1, labels: BTreeMap::new() }],
@@ -524,11 +644,15 @@ impl Compiler<'_> {
             let vh = Arc::new(VirtualHost { name: format!("inbound|{port}"), routes: vec![route] });
             let mut table = RouteTable::new(Fallback::NotFound);
             table.add_domain("*", &vh);
+            let tls = self.inbound_tls(resources, endpoint.port(), sc_res, &path);
             out.push(Listener {
                 name: format!("sidecar-ingress {}/{} {addr}", sc_res.namespace, sc_res.name),
                 addr,
                 kind: ListenerKind::SidecarIngress,
                 routes: table,
+                tls,
+                authz: self.authz.clone(),
+                authz_port: endpoint.port(),
             });
         }
         for (i, eg) in sc.egress.iter().enumerate() {
@@ -549,8 +673,75 @@ impl Compiler<'_> {
                 addr,
                 kind: ListenerKind::SidecarEgress,
                 routes: table,
+                tls: InboundTls::Disable,
+                authz: Arc::new(crate::authz::Policies::empty()),
+                authz_port: port,
             });
         }
+    }
+
+    /// The mTLS mode for inbound traffic to the app's `app_port`, from
+    /// PeerAuthentication: the most specific policy wins (workload selector,
+    /// then namespace-wide, then mesh-wide in `istio-system`), a port-level
+    /// mode overrides its policy's mode, `UNSET` inherits, and with no policy
+    /// at all Istio's default is PERMISSIVE.
+    fn inbound_tls(&mut self, resources: &[Resource], app_port: u16, sc: &Resource, path: &str) -> InboundTls {
+        let mut workload: Option<&Resource> = None;
+        let mut namespace: Option<&Resource> = None;
+        let mut mesh: Option<&Resource> = None;
+        for r in resources {
+            let Spec::PeerAuthentication(pa) = &r.spec else { continue };
+            let selector = pa.selector.as_ref().map(|s| &s.match_labels).filter(|l| !l.is_empty());
+            match selector {
+                Some(sel)
+                    if r.namespace == self.opts.namespace
+                        && labels_match(sel, &self.opts.workload_labels)
+                        && workload.is_none() =>
+                {
+                    workload = Some(r);
+                }
+                None if r.namespace == self.opts.namespace => namespace = namespace.or(Some(r)),
+                None if r.namespace == ROOT_NAMESPACE => mesh = mesh.or(Some(r)),
+                _ => {}
+            }
+        }
+        fn mode_of(m: Option<&model::PeerMtls>) -> Option<&str> {
+            m.and_then(|m| m.mode.as_deref()).filter(|m| *m != "UNSET")
+        }
+        let mut chosen: Option<(&str, &Resource)> = None;
+        if let Some(r) = workload
+            && let Spec::PeerAuthentication(pa) = &r.spec
+        {
+            let port_level = mode_of(pa.port_level_mtls.get(&app_port.to_string()));
+            chosen = port_level.or(mode_of(pa.mtls.as_ref())).map(|m| (m, r));
+        }
+        for r in [namespace, mesh].into_iter().flatten() {
+            if chosen.is_some() {
+                break;
+            }
+            if let Spec::PeerAuthentication(pa) = &r.spec {
+                chosen = mode_of(pa.mtls.as_ref()).map(|m| (m, r));
+            }
+        }
+        let mode = match chosen.map(|(m, _)| m) {
+            Some("STRICT") => InboundTls::Strict,
+            Some("DISABLE") => InboundTls::Disable,
+            _ => InboundTls::Permissive,
+        };
+        if !self.opts.has_identity() {
+            if mode == InboundTls::Strict {
+                let msg = format!(
+                    "STRICT mTLS on the app port {app_port} needs the workload identity: start remora with --identity-dir"
+                );
+                match chosen {
+                    Some((_, r)) => self.diags.push(r.error("spec.mtls.mode", msg)),
+                    None => self.diags.push(sc.error(path.to_string(), msg)),
+                }
+            }
+            // Without an identity PERMISSIVE can only ever see plaintext.
+            return InboundTls::Disable;
+        }
+        mode
     }
 
     /// The outbound route table for one egress port: every visible service with
@@ -1381,7 +1572,7 @@ mod tests {
         let opts = CompileOptions {
             namespace: "default".into(),
             workload_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            workload_name: None,
+            ..Default::default()
         };
         compile(&set, &opts, &Registry::new())
     }

@@ -809,9 +809,18 @@ pub struct PeerAuthentication {
     #[serde(default)]
     pub selector: Option<LabelSelector>,
     #[serde(default)]
-    pub mtls: Option<serde_json::Value>,
+    pub mtls: Option<PeerMtls>,
+    /// Keys are the workload's (container) ports.
     #[serde(default)]
-    pub port_level_mtls: Option<serde_json::Value>,
+    pub port_level_mtls: BTreeMap<String, PeerMtls>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerMtls {
+    /// UNSET, DISABLE, PERMISSIVE or STRICT.
+    #[serde(default)]
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -828,7 +837,99 @@ pub struct AuthorizationPolicy {
     #[serde(default)]
     pub provider: Unsupported,
     #[serde(default)]
-    pub rules: Option<serde_json::Value>,
+    pub rules: Vec<Rule>,
+}
+
+/// One AuthorizationPolicy rule: it matches when one `from` source, one `to`
+/// operation and every `when` condition match. `from`/`to` stay `None` when
+/// absent so that validation can tell an absent list from an empty one.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub from: Option<Vec<RuleFrom>>,
+    #[serde(default)]
+    pub to: Option<Vec<RuleTo>>,
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleFrom {
+    #[serde(default)]
+    pub source: Option<Source>,
+}
+
+/// The peer of a request; fields are ANDed, the entries of a list ORed.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleTo {
+    #[serde(default)]
+    pub operation: Option<Operation>,
+}
+
+/// What a request does; fields are ANDed, the entries of a list ORed.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+/// A `when` condition on an Istio attribute (`request.headers[x]`, `source.ip`, ...).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
 }
 
 // === Documents ===

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use super::load::field_path;
 use super::model::{self, Duration, Percent, Spec, StringMatch, Unsupported};
 use super::{Diagnostic, Resource};
+use crate::authz;
 
 /// Upper bound on a compiled regex program, in bytes. Envoy rejects large
 /// regexes too; 100 KiB allows any realistic route pattern while keeping
@@ -65,12 +66,8 @@ pub fn validate_resource(r: &Resource, out: &mut Vec<Diagnostic>) {
         Spec::ServiceEntry(s) => v.service_entry(s),
         Spec::Gateway(s) => v.gateway(s),
         Spec::Sidecar(s) => v.sidecar(s),
-        Spec::PeerAuthentication(_) => {
-            v.err("spec", "PeerAuthentication is not supported by remora yet; it would not be enforced")
-        }
-        Spec::AuthorizationPolicy(_) => {
-            v.err("spec", "AuthorizationPolicy is not supported by remora yet; it would not be enforced")
-        }
+        Spec::PeerAuthentication(pa) => v.peer_authentication(pa),
+        Spec::AuthorizationPolicy(s) => v.authorization_policy(s),
     }
 }
 
@@ -1095,6 +1092,29 @@ impl Validator<'_> {
         }
     }
 
+    fn peer_authentication(&mut self, pa: &model::PeerAuthentication) {
+        let mode_ok = |m: &model::PeerMtls| {
+            m.mode.as_deref().is_none_or(|m| matches!(m, "UNSET" | "DISABLE" | "PERMISSIVE" | "STRICT"))
+        };
+        if let Some(m) = &pa.mtls
+            && !mode_ok(m)
+        {
+            self.err("spec.mtls.mode", "mode must be UNSET, DISABLE, PERMISSIVE or STRICT");
+        }
+        if !pa.port_level_mtls.is_empty() && pa.selector.as_ref().is_none_or(|s| s.match_labels.is_empty()) {
+            self.err("spec.portLevelMtls", "portLevelMtls requires a workload selector");
+        }
+        for (port, m) in &pa.port_level_mtls {
+            let path = format!("spec.portLevelMtls[\"{port}\"]");
+            if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+                self.err(path.clone(), format!("port {port} is not in 1..=65535"));
+            }
+            if !mode_ok(m) {
+                self.err(format!("{path}.mode"), "mode must be UNSET, DISABLE, PERMISSIVE or STRICT");
+            }
+        }
+    }
+
     fn connection_pool(&mut self, path: &str, cp: &model::ConnectionPoolSettings) {
         if cp.tcp.is_none() && cp.http.is_none() {
             self.err(path, "a connectionPool must set `tcp` or `http`");
@@ -1211,10 +1231,9 @@ impl Validator<'_> {
             "DISABLE" => {}
             "SIMPLE" => self.err(mpath, "tls mode SIMPLE (TLS to the upstream) is not supported by remora yet"),
             "MUTUAL" | "ISTIO_MUTUAL" => {
-                self.err(
-                    mpath,
-                    format!("tls mode {mode} needs workload certificates, which remora does not support yet"),
-                );
+                if mode == "MUTUAL" {
+                    self.err(mpath, "tls mode MUTUAL (client certificates from files) is not supported by remora yet");
+                }
                 if mode == "ISTIO_MUTUAL" && certs {
                     self.err(
                         path,
@@ -1522,6 +1541,253 @@ impl Validator<'_> {
             );
         }
     }
+
+    // === AuthorizationPolicy ===
+
+    fn authorization_policy(&mut self, ap: &model::AuthorizationPolicy) {
+        let action = match authz::Action::parse(ap.action.as_deref()) {
+            Ok(a) => Some(a),
+            Err(msg) => {
+                self.err("spec.action", msg);
+                None
+            }
+        };
+        if action == Some(authz::Action::Custom) {
+            self.err("spec.action", "action CUSTOM (external authorization) is not supported by remora");
+        } else if present(&ap.provider) {
+            self.err("spec.provider", "`provider` is only allowed with action CUSTOM");
+        }
+        let target_ref = present(&ap.target_ref);
+        let target_refs = present(&ap.target_refs);
+        if target_ref {
+            self.unsupported("spec.targetRef");
+        }
+        if target_refs {
+            self.unsupported("spec.targetRefs");
+        }
+        if let Some(selector) = &ap.selector {
+            if target_ref || target_refs {
+                self.err("spec.selector", "only one of `selector`, `targetRef` and `targetRefs` may be set");
+            }
+            for (k, v) in &selector.match_labels {
+                let path = field_path("spec.selector.matchLabels", k);
+                if k.is_empty() {
+                    self.err(path, "label keys must not be empty");
+                } else if v.contains('*') {
+                    self.err(path, "wildcards are not allowed in label values");
+                }
+            }
+        }
+        self.dry_run(action);
+        if action == Some(authz::Action::Deny) && ap.rules.is_empty() {
+            self.err(
+                "spec.rules",
+                "a DENY policy without `rules` never matches; add an empty rule `{}` to deny every request",
+            );
+        }
+        for (i, rule) in ap.rules.iter().enumerate() {
+            let path = format!("spec.rules[{i}]");
+            self.authz_rule(&path, rule);
+            if action == Some(authz::Action::Deny) && authz::widens_on_tcp(rule) {
+                self.warn(
+                    path,
+                    "this DENY rule matches HTTP attributes (hosts, methods, paths or request headers) without \
+                     naming `ports`; TCP connections have no HTTP attributes, so on TCP ports it denies every \
+                     connection its other fields match",
+                );
+            }
+        }
+    }
+
+    /// `istio.io/dry-run`: parsed as Istio does, but not implemented.
+    fn dry_run(&mut self, action: Option<authz::Action>) {
+        let Some(value) = self.r.meta.annotations.get(authz::DRY_RUN_ANNOTATION) else { return };
+        let path = field_path("metadata.annotations", authz::DRY_RUN_ANNOTATION);
+        // Go's strconv.ParseBool, which Istio uses.
+        let dry = match value.as_str() {
+            "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
+            "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
+            other => {
+                self.err(path, format!("`{other}` is not a boolean"));
+                return;
+            }
+        };
+        match action {
+            Some(authz::Action::Allow | authz::Action::Deny) if dry => self.warn(
+                path,
+                format!("`{}` is not supported by remora; the policy is enforced", authz::DRY_RUN_ANNOTATION),
+            ),
+            Some(authz::Action::Audit | authz::Action::Custom) => {
+                self.err(path, format!("`{}` is only defined for ALLOW and DENY policies", authz::DRY_RUN_ANNOTATION))
+            }
+            _ => {}
+        }
+    }
+
+    fn authz_rule(&mut self, path: &str, rule: &model::Rule) {
+        if let Some(from) = &rule.from {
+            if from.is_empty() {
+                self.err(format!("{path}.from"), "`from` must not be empty; leave it out to match any source");
+            }
+            for (j, f) in from.iter().enumerate() {
+                let fpath = format!("{path}.from[{j}]");
+                match &f.source {
+                    Some(s) => self.authz_source(&format!("{fpath}.source"), s),
+                    None => self.err(fpath, "`source` is required"),
+                }
+            }
+        }
+        if let Some(to) = &rule.to {
+            if to.is_empty() {
+                self.err(format!("{path}.to"), "`to` must not be empty; leave it out to match any operation");
+            }
+            for (j, t) in to.iter().enumerate() {
+                let tpath = format!("{path}.to[{j}]");
+                match &t.operation {
+                    Some(o) => self.authz_operation(&format!("{tpath}.operation"), o),
+                    None => self.err(tpath, "`operation` is required"),
+                }
+            }
+        }
+        for (j, c) in rule.when.iter().enumerate() {
+            self.authz_condition(&format!("{path}.when[{j}]"), c);
+        }
+    }
+
+    /// Istio rejects empty strings in every AuthorizationPolicy list.
+    fn authz_no_empty_values(&mut self, path: &str, name: &str, list: &[String]) {
+        for (k, v) in list.iter().enumerate() {
+            if v.is_empty() {
+                self.err(format!("{path}.{name}[{k}]"), "empty values are not allowed");
+            }
+        }
+    }
+
+    fn authz_source(&mut self, path: &str, s: &model::Source) {
+        let lists = [
+            ("principals", &s.principals),
+            ("notPrincipals", &s.not_principals),
+            ("requestPrincipals", &s.request_principals),
+            ("notRequestPrincipals", &s.not_request_principals),
+            ("namespaces", &s.namespaces),
+            ("notNamespaces", &s.not_namespaces),
+            ("serviceAccounts", &s.service_accounts),
+            ("notServiceAccounts", &s.not_service_accounts),
+            ("ipBlocks", &s.ip_blocks),
+            ("notIpBlocks", &s.not_ip_blocks),
+            ("remoteIpBlocks", &s.remote_ip_blocks),
+            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+        ];
+        if lists.iter().all(|(_, l)| l.is_empty()) {
+            self.err(path, "`source` must set at least one field");
+        }
+        for (name, list) in lists {
+            self.authz_no_empty_values(path, name, list);
+        }
+        for (name, list) in
+            [("requestPrincipals", &s.request_principals), ("notRequestPrincipals", &s.not_request_principals)]
+        {
+            if !list.is_empty() {
+                self.err(
+                    format!("{path}.{name}"),
+                    format!("`{name}` needs RequestAuthentication (JWT), which is not supported by remora"),
+                );
+            }
+        }
+        let identities = [&s.principals, &s.not_principals, &s.namespaces, &s.not_namespaces];
+        let accounts = [("serviceAccounts", &s.service_accounts), ("notServiceAccounts", &s.not_service_accounts)];
+        if accounts.iter().any(|(_, l)| !l.is_empty()) && identities.iter().any(|l| !l.is_empty()) {
+            self.err(path, "`serviceAccounts` cannot be combined with `principals` or `namespaces`");
+        }
+        for (name, list) in accounts {
+            if list.len() > authz::MAX_SERVICE_ACCOUNTS {
+                self.err(
+                    format!("{path}.{name}"),
+                    format!("at most {} service accounts are allowed", authz::MAX_SERVICE_ACCOUNTS),
+                );
+            }
+            for (k, v) in list.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+                if let Err(msg) = authz::ServiceAccount::parse(v, &self.r.namespace) {
+                    self.err(format!("{path}.{name}[{k}]"), msg);
+                }
+            }
+        }
+        for (name, list) in [
+            ("ipBlocks", &s.ip_blocks),
+            ("notIpBlocks", &s.not_ip_blocks),
+            ("remoteIpBlocks", &s.remote_ip_blocks),
+            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+        ] {
+            for (k, v) in list.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+                if let Err(msg) = authz::IpBlock::parse(v) {
+                    self.err(format!("{path}.{name}[{k}]"), msg);
+                }
+            }
+        }
+    }
+
+    fn authz_operation(&mut self, path: &str, o: &model::Operation) {
+        let lists = [
+            ("hosts", &o.hosts),
+            ("notHosts", &o.not_hosts),
+            ("ports", &o.ports),
+            ("notPorts", &o.not_ports),
+            ("methods", &o.methods),
+            ("notMethods", &o.not_methods),
+            ("paths", &o.paths),
+            ("notPaths", &o.not_paths),
+        ];
+        if lists.iter().all(|(_, l)| l.is_empty()) {
+            self.err(path, "`operation` must set at least one field");
+        }
+        for (name, list) in lists {
+            self.authz_no_empty_values(path, name, list);
+        }
+        for (name, list) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
+            for (k, v) in list.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+                if let Err(msg) = authz::parse_port(v) {
+                    self.err(format!("{path}.{name}[{k}]"), msg);
+                }
+            }
+        }
+        for (name, list) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+            for (k, v) in list.iter().enumerate() {
+                if let Some(msg) = authz::path_problem(v) {
+                    self.err(format!("{path}.{name}[{k}]"), msg);
+                }
+            }
+        }
+    }
+
+    fn authz_condition(&mut self, path: &str, c: &model::Condition) {
+        if c.key.is_empty() {
+            self.err(format!("{path}.key"), "`key` is required");
+            return;
+        }
+        let key = match authz::ConditionKey::parse(&c.key) {
+            Ok(key) => key,
+            Err(msg) => {
+                self.err(format!("{path}.key"), msg);
+                return;
+            }
+        };
+        if c.values.is_empty() && c.not_values.is_empty() {
+            self.err(path, "at least one of `values` and `notValues` is required");
+        }
+        for (name, list) in [("values", &c.values), ("notValues", &c.not_values)] {
+            self.authz_no_empty_values(path, name, list);
+            for (k, v) in list.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+                let problem = match key {
+                    authz::ConditionKey::SourceIp | authz::ConditionKey::RemoteIp => authz::IpBlock::parse(v).err(),
+                    authz::ConditionKey::DestinationPort => authz::parse_port(v).err(),
+                    _ => None,
+                };
+                if let Some(msg) = problem {
+                    self.err(format!("{path}.{name}[{k}]"), msg);
+                }
+            }
+        }
+    }
 }
 
 /// A Gateway server host: `host`, `ns/host`, `*`, `*.example.com`, where
@@ -1683,26 +1949,11 @@ mod tests {
                 _ => assert!(warns.is_empty(), "{name}: {warns:?}"),
             }
         }
+        // ISTIO_MUTUAL is valid on its own; whether this proxy has the
+        // identity it needs is the compiler's question.
         let text = std::fs::read_to_string(dir.join("destination-rule-all-mtls.yaml")).unwrap();
         let diags = check(&text);
-        let errs: Vec<&Diagnostic> = diags.iter().filter(|d| d.is_error()).collect();
-        assert_eq!(errs.len(), 4, "{diags:#?}");
-        for e in errs {
-            assert_eq!(e.path, "spec.trafficPolicy.tls.mode");
-            assert_eq!(
-                e.message,
-                "tls mode ISTIO_MUTUAL needs workload certificates, which remora does not support yet"
-            );
-            assert_eq!(e.line.map(|l| l > 1), Some(true));
-        }
-        // The diagnostic points at the `mode:` line of the first resource.
-        let first = diags.iter().find(|d| d.is_error()).map(ToString::to_string);
-        assert_eq!(
-            first.as_deref(),
-            Some(
-                "t.yaml:9: DestinationRule default/productpage: spec.trafficPolicy.tls.mode: tls mode ISTIO_MUTUAL needs workload certificates, which remora does not support yet"
-            )
-        );
+        assert!(diags.iter().all(|d| !d.is_error()), "{diags:#?}");
     }
 
     #[test]
@@ -1942,7 +2193,6 @@ mod tests {
             ),
             format!("{tp}.outlierDetection.maxEjectionPercent: maxEjectionPercent 101 is not between 0 and 100"),
             format!("{tp}.outlierDetection.interval: duration must be at least 1ms"),
-            format!("{tp}.tls.mode: tls mode ISTIO_MUTUAL needs workload certificates"),
             format!("{tp}.tls: with ISTIO_MUTUAL the mesh's certificates are used"),
             format!(
                 "{tp}.portLevelSettings[0].loadBalancer.simple: PASSTHROUGH load balancing is not supported by remora"
@@ -1960,7 +2210,7 @@ mod tests {
         ] {
             assert_error(&e, &want);
         }
-        assert_eq!(e.len(), 24, "{e:#?}");
+        assert_eq!(e.len(), 23, "{e:#?}");
         let w = rendered(&d, Severity::Warning);
         for want in [
             format!("{tp}.loadBalancer.simple: LEAST_CONN is a deprecated alias of LEAST_REQUEST"),
@@ -2080,15 +2330,198 @@ mod tests {
     }
 
     #[test]
-    fn security_resources_are_not_enforced_yet() {
-        let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: deny}\nspec: {action: DENY, rules: [{from: [{source: {namespaces: [x]}}]}]}\n";
-        let d = check(text);
-        let e: Vec<String> = d.iter().map(ToString::to_string).collect();
+    fn peer_authentication() {
+        let ok = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: web}\nspec: {selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}, portLevelMtls: {\"8080\": {mode: DISABLE}}}\n";
+        assert!(check(ok).is_empty(), "{:#?}", check(ok));
+        let bad = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: x}\nspec: {mtls: {mode: SOMETIMES}, portLevelMtls: {\"0\": {mode: STRICT}}}\n";
+        let e = rendered(&check(bad), Severity::Error);
+        assert_error(&e, "spec.mtls.mode: mode must be UNSET, DISABLE, PERMISSIVE or STRICT");
+        assert_error(&e, "spec.portLevelMtls: portLevelMtls requires a workload selector");
+        assert!(e.iter().any(|x| x.contains("port 0 is not in 1..=65535")), "{e:#?}");
+    }
+
+    fn authz(meta: &str, spec: &str) -> String {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {meta}\nspec:\n{spec}")
+    }
+
+    #[test]
+    fn authorization_policy_valid_forms() {
+        let spec = r#"  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/sleep", "*"]
+        notNamespaces: [dev]
+        ipBlocks: ["10.0.0.0/8", "2001:db8::/32", "192.168.0.1"]
+    - source: {serviceAccounts: [prod/api, sleep], notIpBlocks: ["10.9.0.0/16"]}
+    to:
+    - operation:
+        hosts: ["*.example.com"]
+        ports: ["8080"]
+        methods: [GET, HEAD]
+        paths: ["/api/*", "/v1/{*}/items/{**}", "*.png"]
+        notPaths: ["/admin"]
+    when:
+    - key: request.headers[x-user]
+      values: ["alice"]
+    - key: source.ip
+      notValues: ["10.1.0.0/16"]
+    - key: source.namespace
+      values: [default]
+    - key: source.principal
+      values: ["*"]
+    - key: destination.port
+      values: ["8080"]
+  - {}"#;
+        let d = check(&authz("{name: p}", spec));
+        assert!(d.is_empty(), "{d:#?}");
+        for spec in ["  {}", "  action: AUDIT\n  rules: [{}]", "  action: DENY\n  rules: [{}]"] {
+            let d = check(&authz("{name: p}", spec));
+            assert!(d.is_empty(), "{spec}: {d:#?}");
+        }
+    }
+
+    #[test]
+    fn authorization_policy_errors() {
+        let e = errors(&authz("{name: p}", "  action: deny\n  rules: [{}]"));
+        assert_eq!(e, ["spec.action: unknown action `deny` (expected ALLOW, DENY, AUDIT or CUSTOM)"]);
+        let e = errors(&authz("{name: p}", "  action: CUSTOM\n  provider: {name: ext}\n  rules: [{}]"));
+        assert_eq!(e, ["spec.action: action CUSTOM (external authorization) is not supported by remora"]);
+        let e = errors(&authz("{name: p}", "  action: DENY\n  provider: {name: ext}\n  rules: [{}]"));
+        assert_eq!(e, ["spec.provider: `provider` is only allowed with action CUSTOM"]);
+        let e = errors(&authz("{name: p}", "  action: DENY"));
         assert_eq!(
             e,
-            vec![
-                "t.yaml:4: PeerAuthentication default/default: spec: PeerAuthentication is not supported by remora yet; it would not be enforced",
-                "t.yaml:9: AuthorizationPolicy default/deny: spec: AuthorizationPolicy is not supported by remora yet; it would not be enforced",
+            ["spec.rules: a DENY policy without `rules` never matches; add an empty rule `{}` to deny every request"]
+        );
+        let e = errors(&authz(
+            "{name: p}",
+            "  selector: {matchLabels: {app: web}}\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]\n  rules: [{}]",
+        ));
+        assert_eq!(
+            e,
+            [
+                "spec.targetRefs: `spec.targetRefs` is not supported by remora",
+                "spec.selector: only one of `selector`, `targetRef` and `targetRefs` may be set",
+            ]
+        );
+
+        let spec = r#"  rules:
+  - from: []
+    to: []
+  - from:
+    - {}
+    - source: {}
+    - source: {requestPrincipals: ["iss/sub"], principals: [""]}
+    - source: {serviceAccounts: ["ns/sa"], namespaces: [x]}
+    - source: {serviceAccounts: ["a/b/c", "ns/*"]}
+    - source: {ipBlocks: ["10.0.0.0/33", "300.1.1.1"], notRemoteIpBlocks: ["x"]}
+  - to:
+    - {}
+    - operation: {}
+    - operation:
+        ports: ["0", "65536", "http"]
+        notPorts: ["80"]
+        paths: ["/a/{**}/b", "/a/x{*}", "/{*}/*", "{*}/a"]
+        methods: [""]
+  - when:
+    - key: ""
+    - key: request.auth.claims[iss]
+      values: [x]
+    - key: connection.sni
+      values: [x]
+    - key: experimental.envoy.filters.a[b]
+      values: [x]
+    - key: destination.labels[app]
+      values: [x]
+    - key: bogus
+      values: [x]
+    - key: request.headers
+      values: [x]
+    - key: request.headers[:path]
+      values: [x]
+    - key: source.ip
+    - key: source.ip
+      values: [nope]
+    - key: destination.port
+      notValues: ["99999"]"#;
+        let e = errors(&authz("{name: p}", spec));
+        let r = "spec.rules";
+        let expect = [
+            format!("{r}[0].from: `from` must not be empty"),
+            format!("{r}[0].to: `to` must not be empty"),
+            format!("{r}[1].from[0]: `source` is required"),
+            format!("{r}[1].from[1].source: `source` must set at least one field"),
+            format!("{r}[1].from[2].source.principals[0]: empty values are not allowed"),
+            format!("{r}[1].from[2].source.requestPrincipals: `requestPrincipals` needs RequestAuthentication"),
+            format!("{r}[1].from[3].source: `serviceAccounts` cannot be combined with `principals` or `namespaces`"),
+            format!("{r}[1].from[4].source.serviceAccounts[0]: `a/b/c` is not a service account"),
+            format!("{r}[1].from[4].source.serviceAccounts[1]: `ns/*` is not a service account"),
+            format!(
+                "{r}[1].from[5].source.ipBlocks[0]: `10.0.0.0/33`: the prefix length must be a number from 0 to 32"
+            ),
+            format!("{r}[1].from[5].source.ipBlocks[1]: `300.1.1.1` is not an IP address or CIDR block"),
+            format!("{r}[1].from[5].source.notRemoteIpBlocks[0]: `x` is not an IP address"),
+            format!("{r}[2].to[0]: `operation` is required"),
+            format!("{r}[2].to[1].operation: `operation` must set at least one field"),
+            format!("{r}[2].to[2].operation.methods[0]: empty values are not allowed"),
+            format!("{r}[2].to[2].operation.ports[0]: `0` is not a port number (1 to 65535)"),
+            format!("{r}[2].to[2].operation.ports[1]: `65536` is not a port number"),
+            format!("{r}[2].to[2].operation.ports[2]: `http` is not a port number"),
+            format!("{r}[2].to[2].operation.paths[0]: path template `/a/{{**}}/b`: `{{**}}` must be the last segment"),
+            format!("{r}[2].to[2].operation.paths[1]: path template `/a/x{{*}}`: `{{*}}` and `{{**}}` must be whole"),
+            format!("{r}[2].to[2].operation.paths[2]: path template `/{{*}}/*`: `{{*}}` and `{{**}}` must be whole"),
+            format!("{r}[2].to[2].operation.paths[3]: path template `{{*}}/a` must start with `/`"),
+            format!("{r}[3].when[0].key: `key` is required"),
+            format!("{r}[3].when[1].key: `request.auth.claims[iss]` needs RequestAuthentication (JWT)"),
+            format!("{r}[3].when[2].key: `connection.sni` is not supported by remora"),
+            format!("{r}[3].when[3].key: `experimental.envoy.filters.a[b]` is not supported by remora"),
+            format!("{r}[3].when[4].key: `destination.labels[app]` is replaced by the policy's `selector`"),
+            format!("{r}[3].when[5].key: unknown attribute `bogus`"),
+            format!("{r}[3].when[6].key: `request.headers`: write the header name in brackets"),
+            format!("{r}[3].when[7].key: `request.headers[:path]` is not supported by remora"),
+            format!("{r}[3].when[8]: at least one of `values` and `notValues` is required"),
+            format!("{r}[3].when[9].values[0]: `nope` is not an IP address or CIDR block"),
+            format!("{r}[3].when[10].notValues[0]: `99999` is not a port number"),
+        ];
+        for want in &expect {
+            assert_error(&e, want);
+        }
+        assert_eq!(e.len(), expect.len(), "{e:#?}");
+    }
+
+    #[test]
+    fn authorization_policy_warnings() {
+        let meta = "{name: p, annotations: {istio.io/dry-run: \"true\"}}";
+        let w = warnings(&authz(meta, "  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST]}"));
+        assert_eq!(
+            w,
+            [
+                "metadata.annotations[\"istio.io/dry-run\"]: `istio.io/dry-run` is not supported by remora; the policy is enforced",
+                "spec.rules[0]: this DENY rule matches HTTP attributes (hosts, methods, paths or request headers) without naming `ports`; TCP connections have no HTTP attributes, so on TCP ports it denies every connection its other fields match",
+            ]
+        );
+        // Scoped to ports, or not a DENY policy, or dry-run off: nothing to say.
+        let quiet = [
+            authz(
+                "{name: p}",
+                "  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST], ports: [\"8080\"]}",
+            ),
+            authz("{name: p}", "  rules:\n  - to:\n    - operation: {methods: [POST]}"),
+            authz("{name: p, annotations: {istio.io/dry-run: \"false\"}}", "  rules: [{}]"),
+        ];
+        for text in &quiet {
+            assert!(check(text).is_empty(), "{text}");
+        }
+        let e = errors(&authz("{name: p, annotations: {istio.io/dry-run: \"yes\"}}", "  rules: [{}]"));
+        assert_eq!(e, ["metadata.annotations[\"istio.io/dry-run\"]: `yes` is not a boolean"]);
+        let e =
+            errors(&authz("{name: p, annotations: {istio.io/dry-run: \"true\"}}", "  action: AUDIT\n  rules: [{}]"));
+        assert_eq!(
+            e,
+            [
+                "metadata.annotations[\"istio.io/dry-run\"]: `istio.io/dry-run` is only defined for ALLOW and DENY policies"
             ]
         );
     }

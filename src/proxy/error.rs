@@ -30,6 +30,8 @@ pub enum ProxyError {
     PassthroughLoop,
     #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
     Overflow,
+    #[error("RBAC: access denied")]
+    Rbac,
     /// Retries ran out; the last attempt failed this way.
     #[error("{0}")]
     Exhausted(Box<ProxyError>),
@@ -52,6 +54,7 @@ impl ProxyError {
             ProxyError::UpstreamProtocol => "UPE",
             ProxyError::PassthroughLoop => "NR",
             ProxyError::Overflow => "UO",
+            ProxyError::Rbac => "RBAC",
             ProxyError::Exhausted(inner) => match inner.flag() {
                 "UF" => "UF,URX",
                 "UC" => "UC,URX",
@@ -76,6 +79,7 @@ impl ProxyError {
             ProxyError::ListenerGone | ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Exhausted(inner) => inner.status(),
             ProxyError::FaultAbort { status, .. } => *status,
+            ProxyError::Rbac => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
     }

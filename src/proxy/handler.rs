@@ -36,6 +36,7 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 const X_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 const X_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -53,6 +54,8 @@ pub struct ProxyState {
     inflight: Arc<std::sync::atomic::AtomicUsize>,
     /// Istio's standard metrics.
     pub metrics: Arc<Metrics>,
+    /// The workload identity, when the proxy has one.
+    identity: std::sync::OnceLock<Arc<crate::tls::IdentityStore>>,
 }
 
 impl ProxyState {
@@ -63,7 +66,17 @@ impl ProxyState {
             passthrough_cluster: ClusterShared::new(PoolSettings::default(), None, Arc::new(TcpConnect)),
             inflight: Arc::default(),
             metrics,
+            identity: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the workload identity (once, at start).
+    pub fn set_identity(&self, store: Arc<crate::tls::IdentityStore>) {
+        let _ = self.identity.set(store);
+    }
+
+    pub fn identity(&self) -> Option<Arc<crate::tls::IdentityStore>> {
+        self.identity.get().cloned()
     }
 
     /// Requests in flight on all listeners.
@@ -86,10 +99,14 @@ impl ProxyState {
 }
 
 /// What the server knows about the downstream connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub local: SocketAddr,
     pub peer: SocketAddr,
+    /// The verified mesh identity of an mTLS peer.
+    pub identity: Option<Arc<crate::tls::inbound::Peer>>,
+    /// `x-forwarded-client-cert` for requests on this mTLS connection.
+    pub xfcc: Option<HeaderValue>,
 }
 
 /// Per-request facts gathered while routing, reported when the response has
@@ -236,7 +253,7 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
         _inflight: inflight,
     };
     let resp = match snapshot.listener(&conn.local) {
-        Some(listener) => match route_request(&state, &snapshot, listener, conn, req, &mut finish.facts).await {
+        Some(listener) => match route_request(&state, &snapshot, listener, &conn, req, &mut finish.facts).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(grpc),
         },
@@ -271,11 +288,28 @@ async fn route_request(
     state: &Arc<ProxyState>,
     snapshot: &Snapshot,
     listener: &Listener,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     req: Request<Body>,
     outcome: &mut LogFacts,
 ) -> Result<Response<Body>, ProxyError> {
     let authority = authority_of(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
+    if !listener.authz.is_empty() {
+        let attrs = crate::authz::Request {
+            principal: conn.identity.as_ref().map(|p| p.principal()),
+            source_ip: conn.peer.ip(),
+            destination_port: listener.authz_port,
+            http: Some(crate::authz::HttpAttrs {
+                method: req.method().as_str(),
+                host: crate::route::strip_port(&authority),
+                path: req.uri().path(),
+                headers: req.headers(),
+            }),
+        };
+        if let crate::authz::Decision::Deny { policy } = listener.authz.evaluate(&attrs) {
+            tracing::debug!(%policy, peer = %conn.peer, "request denied by authorization");
+            return Err(ProxyError::Rbac);
+        }
+    }
     let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
@@ -336,7 +370,7 @@ async fn forward(
     route: &Route,
     fwd: &Forward,
     listener: &Listener,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     mut req: Request<Body>,
     authority: &str,
     scheme: &str,
@@ -606,9 +640,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-fn prepare_request_headers(headers: &mut HeaderMap, conn: ConnInfo, kind: ListenerKind, scheme: &str, upgrade: bool) {
+fn prepare_request_headers(headers: &mut HeaderMap, conn: &ConnInfo, kind: ListenerKind, scheme: &str, upgrade: bool) {
     strip_hop_by_hop(headers, upgrade);
     headers.remove(TIMEOUT_OVERRIDE);
+    // Toward the app, XFCC is the proxy's statement about the mTLS peer; one
+    // sent by the client is never passed on.
+    if kind == ListenerKind::SidecarIngress {
+        headers.remove(X_FORWARDED_CLIENT_CERT);
+        if let Some(v) = &conn.xfcc {
+            headers.insert(X_FORWARDED_CLIENT_CERT, v.clone());
+        }
+    }
     // x-forwarded-for: append the peer, as Envoy does.
     let peer = conn.peer.ip().to_string();
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -982,7 +1024,7 @@ enum MirrorBody {
 async fn passthrough(
     state: &Arc<ProxyState>,
     snapshot: &Snapshot,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     req: Request<Body>,
     authority: &str,
     outcome: &mut LogFacts,

@@ -29,7 +29,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::handler::{self, ConnInfo, ProxyState};
+use crate::snapshot::InboundTls;
 use crate::snapshot::ListenerKind;
+use crate::upstream::pool::BoxIo;
 
 /// Time allowed to read a request's headers (slowloris guard).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
@@ -76,13 +78,19 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
 struct Track {
     /// Connections accepted and not yet closed.
     connections: AtomicUsize,
+    /// Connections still open at the end of the drain bound, closed unfinished.
+    cut_off: AtomicUsize,
     /// True once the accept loop has ended: socket closed, no connection left.
     done: watch::Sender<bool>,
 }
 
 impl Track {
     fn new() -> Arc<Self> {
-        Arc::new(Track { connections: AtomicUsize::new(0), done: watch::Sender::new(false) })
+        Arc::new(Track {
+            connections: AtomicUsize::new(0),
+            cut_off: AtomicUsize::new(0),
+            done: watch::Sender::new(false),
+        })
     }
 
     fn connections(&self) -> usize {
@@ -141,6 +149,12 @@ impl Stopping {
     /// Connections still open on these listeners.
     pub fn open_connections(&self) -> usize {
         self.listeners.iter().map(|(_, t)| t.connections()).sum()
+    }
+
+    /// Connections that were still open when their listener's drain bound
+    /// ran out, and were closed with their requests unfinished.
+    pub fn cut_off(&self) -> usize {
+        self.listeners.iter().map(|(_, t)| t.cut_off.load(Ordering::Acquire)).sum()
     }
 
     /// True once every one of these listeners has closed its last connection.
@@ -357,19 +371,39 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = ConnInfo { local: addr, peer };
-                let state = state.clone();
-                let svc = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handler::handle(state, conn, req).await) }
-                });
-                let io = TokioIo::new(DetectDeadline::new(stream, PROTOCOL_DETECT_TIMEOUT));
-                let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
-                let watched = graceful.watch(served);
+                // The mTLS mode comes from the snapshot the connection
+                // arrives under (PeerAuthentication on a sidecar ingress).
+                let mode = state.snapshot.load().listener(&addr).map(|l| l.tls).unwrap_or_default();
+                let (state, builder) = (state.clone(), builder.clone());
+                let watcher = graceful.watcher();
                 let open = ConnGuard::new(&track);
                 conns.spawn(async move {
                     let _open = open;
-                    if let Err(e) = watched.await {
+                    let identity = state.identity();
+                    let (io, peer_id): (BoxIo, _) = if mode == InboundTls::Disable {
+                        (Box::new(stream), None)
+                    } else {
+                        match crate::tls::inbound::accept(stream, mode, identity.as_ref()).await {
+                            Ok(x) => x,
+                            Err(e) => {
+                                tracing::debug!(%peer, %addr, error = %e, "inbound connection refused");
+                                return;
+                            }
+                        }
+                    };
+                    let xfcc = peer_id.as_ref().and_then(|p| {
+                        let own = identity.as_ref()?.current()?.spiffe_id.clone();
+                        let v = format!("By={own};Hash={};Subject=\"\";URI={}", p.cert_hash, p.spiffe_id);
+                        http::HeaderValue::from_str(&v).ok()
+                    });
+                    let conn = ConnInfo { local: addr, peer, identity: peer_id, xfcc };
+                    let svc = service_fn(move |req| {
+                        let (state, conn) = (state.clone(), conn.clone());
+                        async move { Ok::<_, std::convert::Infallible>(handler::handle(state, conn, req).await) }
+                    });
+                    let io = TokioIo::new(DetectDeadline::new(io, PROTOCOL_DETECT_TIMEOUT));
+                    let served = builder.serve_connection_with_upgrades(io, svc);
+                    if let Err(e) = watcher.watch(served.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with error");
                     }
                 });
@@ -379,7 +413,9 @@ async fn accept_loop(
     // New connections are refused from here on.
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(%addr, open = track.connections(), "listener drain timed out; closing the remaining connections");
+        let open = track.connections();
+        track.cut_off.store(open, Ordering::Release);
+        tracing::warn!(%addr, open, "listener drain timed out; closing the remaining connections");
         conns.abort_all();
     }
     // Aborted tasks end at their next poll; finished ones are only reaped here.

@@ -242,11 +242,12 @@ impl ClusterState {
 /// snapshot. Entries die with the last snapshot that uses them.
 /// Runtime state is shared only between clusters with the same identity and
 /// the same pool and outlier settings.
-type StateKey = (ClusterKey, PoolSettings, Option<OutlierConfig>);
+type StateKey = (ClusterKey, PoolSettings, Option<OutlierConfig>, crate::tls::UpstreamTls);
 
 pub struct Registry {
     states: Mutex<HashMap<StateKey, Weak<ClusterState>>>,
     metrics: Arc<metrics::Metrics>,
+    identity: Option<Arc<crate::tls::IdentityStore>>,
 }
 
 impl Default for Registry {
@@ -262,6 +263,7 @@ pub struct ClusterSpec {
     pub lb: LbPolicy,
     pub settings: PoolSettings,
     pub outlier: Option<OutlierConfig>,
+    pub tls: crate::tls::UpstreamTls,
     pub discovery: Discovery,
     pub selector: BTreeMap<String, String>,
     pub endpoints: Vec<EndpointSpec>,
@@ -275,7 +277,26 @@ impl Registry {
 
     /// A registry whose clusters report into `metrics`.
     pub fn with_metrics(metrics: Arc<metrics::Metrics>) -> Self {
-        Registry { states: Mutex::new(HashMap::new()), metrics }
+        Registry { states: Mutex::new(HashMap::new()), metrics, identity: None }
+    }
+
+    /// Clusters with mTLS present this workload identity.
+    pub fn with_identity(mut self, identity: Arc<crate::tls::IdentityStore>) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    pub fn identity(&self) -> Option<&Arc<crate::tls::IdentityStore>> {
+        self.identity.as_ref()
+    }
+
+    /// Plain TCP, or mTLS with the workload identity.
+    fn connector(&self, spec: &ClusterSpec) -> Arc<dyn pool::Connect> {
+        let h2 = spec.settings.protocol == Protocol::Http2;
+        match self.identity.as_ref().and_then(|id| crate::tls::MeshConnect::new(id, &spec.tls, h2)) {
+            Some(c) => Arc::new(c),
+            None => Arc::new(pool::TcpConnect),
+        }
     }
 
     pub fn metrics(&self) -> &Arc<metrics::Metrics> {
@@ -288,14 +309,14 @@ impl Registry {
     pub fn build(&self, spec: ClusterSpec) -> Arc<Cluster> {
         let state = {
             let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-            let id = (spec.key.clone(), spec.settings, spec.outlier);
+            let id = (spec.key.clone(), spec.settings, spec.outlier, spec.tls.clone());
             match states.get(&id).and_then(Weak::upgrade) {
                 Some(s) => s,
                 None => {
                     states.retain(|_, w| w.strong_count() > 0);
                     let detector = spec.outlier.map(outlier::Detector::new);
                     let s = Arc::new(ClusterState {
-                        shared: ClusterShared::new(spec.settings, detector, Arc::new(pool::TcpConnect)),
+                        shared: ClusterShared::new(spec.settings, detector, self.connector(&spec)),
                         endpoints: Mutex::new(HashMap::new()),
                         rr: AtomicUsize::new(0),
                     });

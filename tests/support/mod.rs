@@ -2,6 +2,8 @@
 //! config written to a temp dir, YAML builders, and deadline-based waits.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;

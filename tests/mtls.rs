@@ -1,0 +1,300 @@
+//! mTLS between two remora sidecars on loopback, with certificates made at
+//! test time: a client sidecar's egress with ISTIO_MUTUAL to a server
+//! sidecar's STRICT ingress, PERMISSIVE, auto-mTLS, untrusted and expired
+//! certificates, wrong server identity, and rotation under traffic.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use remora::config::compile::CompileOptions;
+use remora::runtime::RunOptions;
+use support::certs::{Ca, Workload};
+use support::*;
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+
+struct Sidecar {
+    proxy: Arc<remora::runtime::Proxy>,
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+/// Starts an in-process sidecar on `yaml` with the identity in `identity`.
+async fn sidecar(yaml: &str, identity: Option<&Path>, app: &str) -> Sidecar {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let labels: BTreeMap<String, String> = [("app".to_string(), app.to_string())].into();
+    let opts = RunOptions {
+        config_paths: vec![dir.path().to_path_buf()],
+        compile: CompileOptions {
+            namespace: "default".into(),
+            workload_labels: labels,
+            identity_dir: identity.map(Path::to_path_buf),
+            ..Default::default()
+        },
+    };
+    let (proxy, _) = remora::cli::start_proxy(opts, None).await.unwrap_or_else(|e| panic!("rejected: {e:?}"));
+    Sidecar { proxy, _dir: dir, config }
+}
+
+fn server_yaml(ingress: u16, app: std::net::SocketAddr, mode: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: server\nspec:\n  ingress:\n  - port:\n      number: {ingress}\n      protocol: HTTP\n      name: http\n    bind: 127.0.0.1\n    defaultEndpoint: 127.0.0.1:{}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\nspec:\n  mtls:\n    mode: {mode}\n",
+        app.port()
+    )
+}
+
+/// A client sidecar whose egress port `egress` reaches `server.test` at the
+/// server sidecar's ingress, with `tls` as the DestinationRule's tls block.
+fn client_yaml(egress: u16, ingress: u16, protocol: &str, tls: Option<&str>, labels: &str) -> String {
+    let dr = match tls {
+        Some(t) => format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: server\nspec:\n  host: server.test\n  trafficPolicy:\n    tls:\n{t}---\n"
+        ),
+        None => String::new(),
+    };
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: server\nspec:\n  hosts: [server.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  ports:\n  - number: {egress}\n    name: http\n    protocol: {protocol}\n  endpoints:\n  - address: 127.0.0.1\n    ports:\n      http: {ingress}\n    labels:\n      app: server\n{labels}---\n{dr}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: client\nspec:\n  egress:\n  - port:\n      number: {egress}\n      protocol: HTTP\n      name: http\n    bind: 127.0.0.1\n    hosts: [\"./*\"]\n"
+    )
+}
+
+const ISTIO_MUTUAL: &str = "      mode: ISTIO_MUTUAL\n";
+
+struct Mesh {
+    ca: Ca,
+    dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    fn new() -> Mesh {
+        Mesh { ca: Ca::new("mesh root"), dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn identity(&self, name: &str, id: &str) -> PathBuf {
+        let d = self.dir.path().join(name);
+        self.ca.workload(id).write(&d);
+        d
+    }
+}
+
+async fn echo_headers(c: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    let (status, body) = get(c, url, &[("host", "server.test")]).await;
+    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_mutual_to_strict_carries_the_peer_identity() {
+    let mesh = Mesh::new();
+    let app = echo("app").await;
+    let (ingress, egress) = (free_port(), free_port());
+    let _server =
+        sidecar(&server_yaml(ingress, app, "STRICT"), Some(&mesh.identity("server", SERVER_ID)), "server").await;
+    let _client = sidecar(
+        &client_yaml(egress, ingress, "HTTP", Some(ISTIO_MUTUAL), ""),
+        Some(&mesh.identity("client", CLIENT_ID)),
+        "client",
+    )
+    .await;
+    let c = client();
+    let (status, j) = echo_headers(&c, &format!("http://127.0.0.1:{egress}/hello")).await;
+    assert_eq!(status, 200, "{j}");
+    let xfcc = j["headers"]["x-forwarded-client-cert"].as_str().unwrap_or_default().to_string();
+    assert!(xfcc.contains(&format!("By={SERVER_ID}")), "{xfcc}");
+    assert!(xfcc.contains(&format!("URI={CLIENT_ID}")), "{xfcc}");
+    assert!(xfcc.contains("Hash="), "{xfcc}");
+    // An XFCC forged by the client never reaches the app.
+    let (_, body) = get(
+        &c,
+        &format!("http://127.0.0.1:{egress}/"),
+        &[("host", "server.test"), ("x-forwarded-client-cert", "URI=spiffe://evil")],
+    )
+    .await;
+    assert!(!body.contains("spiffe://evil"), "{body}");
+    // HTTP/2 over the same mTLS hop (the server port speaks h2 via ALPN).
+    let (ingress2, egress2) = (free_port(), free_port());
+    let _server2 =
+        sidecar(&server_yaml(ingress2, app, "STRICT"), Some(&mesh.identity("server2", SERVER_ID)), "server").await;
+    let _client2 = sidecar(
+        &client_yaml(egress2, ingress2, "HTTP2", Some(ISTIO_MUTUAL), ""),
+        Some(&mesh.identity("client2", CLIENT_ID)),
+        "client",
+    )
+    .await;
+    let (status, j) = echo_headers(&c, &format!("http://127.0.0.1:{egress2}/h2")).await;
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["protocol"], "HTTP/1.1", "the app hop is HTTP/1.1; the mesh hop was h2");
+    assert!(j["headers"]["x-forwarded-client-cert"].as_str().unwrap_or_default().contains(CLIENT_ID));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_refuses_plaintext_untrusted_and_expired_clients() {
+    let mesh = Mesh::new();
+    let app = echo("app").await;
+    let ingress = free_port();
+    let _server =
+        sidecar(&server_yaml(ingress, app, "STRICT"), Some(&mesh.identity("server", SERVER_ID)), "server").await;
+    // Plaintext straight to the STRICT port.
+    let r = client().get(format!("http://127.0.0.1:{ingress}/")).send().await;
+    assert!(r.is_err(), "plaintext must not be served: {r:?}");
+    // A client sidecar whose certificate comes from another CA.
+    let rogue = Ca::new("rogue root");
+    let rogue_dir = mesh.dir.path().join("rogue");
+    let w: Workload = rogue.workload(CLIENT_ID);
+    w.write(&rogue_dir);
+    let egress = free_port();
+    let _c1 = sidecar(&client_yaml(egress, ingress, "HTTP", Some(ISTIO_MUTUAL), ""), Some(&rogue_dir), "client").await;
+    let (status, _) = get(&client(), &format!("http://127.0.0.1:{egress}/"), &[("host", "server.test")]).await;
+    assert_eq!(status, 503, "an untrusted client certificate fails the handshake");
+    // An expired client certificate from the right CA.
+    let expired_dir = mesh.dir.path().join("expired");
+    let mut w = mesh.ca.expired_workload(CLIENT_ID);
+    w.root_pem = mesh.ca.pem();
+    w.write(&expired_dir);
+    let egress = free_port();
+    let _c2 =
+        sidecar(&client_yaml(egress, ingress, "HTTP", Some(ISTIO_MUTUAL), ""), Some(&expired_dir), "client").await;
+    let (status, _) = get(&client(), &format!("http://127.0.0.1:{egress}/"), &[("host", "server.test")]).await;
+    assert_eq!(status, 503, "an expired client certificate fails the handshake");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_serves_mtls_and_plaintext() {
+    let mesh = Mesh::new();
+    let app = echo("app").await;
+    let (ingress, egress) = (free_port(), free_port());
+    let _server =
+        sidecar(&server_yaml(ingress, app, "PERMISSIVE"), Some(&mesh.identity("server", SERVER_ID)), "server").await;
+    let _client = sidecar(
+        &client_yaml(egress, ingress, "HTTP", Some(ISTIO_MUTUAL), ""),
+        Some(&mesh.identity("client", CLIENT_ID)),
+        "client",
+    )
+    .await;
+    let c = client();
+    let (status, j) = echo_headers(&c, &format!("http://127.0.0.1:{egress}/")).await;
+    assert_eq!(status, 200);
+    assert!(j["headers"]["x-forwarded-client-cert"].as_str().unwrap_or_default().contains(CLIENT_ID));
+    let (status, body) = get(&c, &format!("http://127.0.0.1:{ingress}/"), &[]).await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("x-forwarded-client-cert"), "plaintext peers have no identity: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mtls_follows_the_endpoint_label() {
+    let mesh = Mesh::new();
+    let app = echo("app").await;
+    let (ingress, egress) = (free_port(), free_port());
+    let _server =
+        sidecar(&server_yaml(ingress, app, "STRICT"), Some(&mesh.identity("server", SERVER_ID)), "server").await;
+    let labels = "      security.istio.io/tlsMode: istio\n";
+    let _client = sidecar(
+        &client_yaml(egress, ingress, "HTTP", None, labels),
+        Some(&mesh.identity("client", CLIENT_ID)),
+        "client",
+    )
+    .await;
+    let (status, j) = echo_headers(&client(), &format!("http://127.0.0.1:{egress}/")).await;
+    assert_eq!(status, 200, "{j}");
+    assert!(j["headers"]["x-forwarded-client-cert"].as_str().unwrap_or_default().contains(CLIENT_ID));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_identity_is_verified() {
+    let mesh = Mesh::new();
+    let app = echo("app").await;
+    let (ingress, egress) = (free_port(), free_port());
+    let _server =
+        sidecar(&server_yaml(ingress, app, "STRICT"), Some(&mesh.identity("server", SERVER_ID)), "server").await;
+    let tls =
+        "      mode: ISTIO_MUTUAL\n      subjectAltNames:\n      - spiffe://cluster.local/ns/default/sa/someone-else\n";
+    let _client = sidecar(
+        &client_yaml(egress, ingress, "HTTP", Some(tls), ""),
+        Some(&mesh.identity("client", CLIENT_ID)),
+        "client",
+    )
+    .await;
+    let (status, _) = get(&client(), &format!("http://127.0.0.1:{egress}/"), &[("host", "server.test")]).await;
+    assert_eq!(status, 503, "a server with the wrong SPIFFE ID is refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_mutual_without_identity_is_a_config_error() {
+    let yaml = client_yaml(free_port(), free_port(), "HTTP", Some(ISTIO_MUTUAL), "");
+    let set = remora::config::load::load_str(Path::new("t.yaml"), &yaml, "default");
+    let errs = remora::config::compile::compile(
+        &set,
+        &CompileOptions { namespace: "default".into(), ..Default::default() },
+        &remora::upstream::Registry::new(),
+    )
+    .unwrap_err();
+    assert!(errs.iter().any(|e| e.to_string().contains("needs the workload identity")), "{errs:#?}");
+    let strict = server_yaml(free_port(), "127.0.0.1:1".parse().unwrap(), "STRICT");
+    let set = remora::config::load::load_str(Path::new("t.yaml"), &strict, "default");
+    let errs = remora::config::compile::compile(
+        &set,
+        &CompileOptions { namespace: "default".into(), ..Default::default() },
+        &remora::upstream::Registry::new(),
+    )
+    .unwrap_err();
+    assert!(errs.iter().any(|e| e.to_string().contains("STRICT mTLS")), "{errs:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_traffic_loses_no_request() {
+    let mesh = Mesh::new();
+    let app = echo("app").await;
+    let (ingress, egress) = (free_port(), free_port());
+    let server_dir = mesh.identity("server", SERVER_ID);
+    let server = sidecar(&server_yaml(ingress, app, "STRICT"), Some(&server_dir), "server").await;
+    let _client = sidecar(
+        &client_yaml(egress, ingress, "HTTP", Some(ISTIO_MUTUAL), ""),
+        Some(&mesh.identity("client", CLIENT_ID)),
+        "client",
+    )
+    .await;
+    let first = server.proxy.identity().and_then(|s| s.current()).map(|i| i.serial.clone()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            let c = client();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+                let good = matches!(c.get(format!("http://127.0.0.1:{egress}/")).header("host", "server.test").send().await, Ok(r) if r.status() == 200);
+                if good { ok.fetch_add(1, Ordering::Relaxed) } else { failed.fetch_add(1, Ordering::Relaxed) };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A new certificate (new key, new serial) written in place.
+    mesh.ca.workload(SERVER_ID).write(&server_dir);
+    wait_until(Duration::from_secs(5), "rotated identity installed", || {
+        let (server, first) = (&server, first.clone());
+        async move { server.proxy.identity().and_then(|s| s.current()).is_some_and(|i| i.serial != first) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A broken pair is rejected and the rotated identity kept.
+    let current = server.proxy.identity().and_then(|s| s.current()).map(|i| i.serial.clone()).unwrap();
+    std::fs::write(server_dir.join("key.pem"), mesh.ca.workload(SERVER_ID).key_pem).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(server.proxy.identity().and_then(|s| s.current()).map(|i| i.serial.clone()).unwrap(), current);
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 20, "{ok}");
+    assert_eq!(failed, 0);
+    let _ = &server.config;
+}
