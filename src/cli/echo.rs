@@ -24,7 +24,14 @@ pub async fn spawn(addr: SocketAddr, version: &str) -> std::io::Result<SocketAdd
     let builder = std::sync::Arc::new(crate::proxy::server::http_builder());
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    // Out of fds and the like: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let version = version.clone();
             let builder = builder.clone();
             tokio::spawn(async move {

@@ -137,6 +137,8 @@ impl Drop for Inflight {
 /// it reports response code 0 with flag `DC`, as Envoy.
 struct Finish {
     start: Instant,
+    /// The mTLS peer, for `source_principal` and the access log.
+    peer: Option<Arc<str>>,
     wall: Option<std::time::SystemTime>,
     grpc: bool,
     request_bytes: Arc<AtomicU64>,
@@ -162,7 +164,8 @@ impl Finish {
             flags = if flags == "-" { "DC" } else { flags };
         }
         let code = if self.status == 0 { 0 } else { self.status };
-        let outcome = metrics::Outcome { grpc: self.grpc, code, grpc_status: self.grpc_status, flags };
+        let outcome =
+            metrics::Outcome { peer: self.peer.clone(), grpc: self.grpc, code, grpc_status: self.grpc_status, flags };
         let duration = self.start.elapsed();
         let req_bytes = self.request_head + self.request_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let resp_bytes = if self.status == 0 { 0 } else { self.response_head + response_body };
@@ -179,6 +182,7 @@ impl Finish {
             e.upstream_host = self.facts.upstream.map(|a| a.to_string());
             e.cluster = self.facts.cluster.as_deref().map(str::to_string);
             e.route = self.facts.route.as_deref().map(str::to_string);
+            e.peer_principal = self.peer.as_deref().map(str::to_string);
             access::log(e);
         }
     }
@@ -239,6 +243,7 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
     });
     let mut finish = Finish {
         start,
+        peer: conn.identity.as_ref().map(|p| Arc::from(p.spiffe_id.as_str())),
         wall: log.is_some().then(std::time::SystemTime::now),
         grpc,
         request_bytes,

@@ -60,8 +60,11 @@ impl Histogram {
 }
 
 /// The per-request labels that vary: protocol, status, gRPC status, flags.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Outcome {
+    /// The mTLS peer's SPIFFE ID on inbound requests (`source_principal`,
+    /// and `connection_security_policy="mutual_tls"`).
+    pub peer: Option<Arc<str>>,
     pub grpc: bool,
     /// `0` when no response was sent (downstream went away first).
     pub code: u16,
@@ -109,7 +112,7 @@ impl Target {
         let mut out = None;
         self.series.rcu(|map| {
             let mut map = HashMap::clone(map);
-            let s = map.entry(o).or_insert_with(|| Arc::new(Series::default())).clone();
+            let s = map.entry(o.clone()).or_insert_with(|| Arc::new(Series::default())).clone();
             out = Some(s);
             map
         });
@@ -141,13 +144,16 @@ impl Target {
     fn render(&self, out: &mut Families) {
         for (o, s) in self.series.load().iter() {
             let grpc_status = o.grpc_status.map(|c| c.to_string()).unwrap_or_default();
+            let (principal, policy) = match &o.peer {
+                Some(p) => (esc(p), "mutual_tls"),
+                None => (UNKNOWN.to_string(), self.security_policy),
+            };
             let labels = format!(
-                "{},request_protocol=\"{}\",response_code=\"{}\",grpc_response_status=\"{grpc_status}\",response_flags=\"{}\",connection_security_policy=\"{}\"",
+                "{},source_principal=\"{principal}\",request_protocol=\"{}\",response_code=\"{}\",grpc_response_status=\"{grpc_status}\",response_flags=\"{}\",connection_security_policy=\"{policy}\"",
                 self.labels,
                 if o.grpc { "grpc" } else { "http" },
                 o.code,
                 o.flags,
-                self.security_policy
             );
             let _ = writeln!(out.requests, "istio_requests_total{{{labels}}} {}", s.requests.load(Ordering::Relaxed));
             s.duration.render(&mut out.duration, "istio_request_duration_milliseconds", &labels);
@@ -157,7 +163,7 @@ impl Target {
         let opened = self.tcp.opened.load(Ordering::Relaxed);
         if opened > 0 {
             let labels = format!(
-                "{},request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"{}\"",
+                "{},source_principal=\"unknown\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"{}\"",
                 self.labels, self.security_policy
             );
             let t = &self.tcp;
@@ -355,7 +361,6 @@ impl Metrics {
                     ("source_canonical_service", my_canon),
                     ("source_canonical_revision", my_rev),
                     ("source_workload_namespace", me.namespace.clone()),
-                    ("source_principal", UNKNOWN.into()),
                     ("source_app", mine("app")),
                     ("source_version", mine("version")),
                     ("source_cluster", UNKNOWN.into()),
@@ -380,7 +385,6 @@ impl Metrics {
                     ("source_canonical_service", UNKNOWN.into()),
                     ("source_canonical_revision", "latest".into()),
                     ("source_workload_namespace", UNKNOWN.into()),
-                    ("source_principal", UNKNOWN.into()),
                     ("source_app", UNKNOWN.into()),
                     ("source_version", UNKNOWN.into()),
                     ("source_cluster", UNKNOWN.into()),
@@ -488,7 +492,12 @@ mod tests {
         let a = m.target(Reporter::Source, d.clone());
         let b = m.target(Reporter::Source, d);
         assert!(Arc::ptr_eq(&a, &b));
-        a.record(Outcome { grpc: false, code: 200, grpc_status: None, flags: "-" }, Duration::from_millis(3), 100, 200);
+        a.record(
+            Outcome { peer: None, grpc: false, code: 200, grpc_status: None, flags: "-" },
+            Duration::from_millis(3),
+            100,
+            200,
+        );
         let mut out = String::new();
         m.render(&mut out);
         assert!(out.contains("destination_version=\"v2\""), "{out}");

@@ -30,7 +30,15 @@ pub async fn serve(addr: SocketAddr, proxy: Arc<Proxy>) -> std::io::Result<Socke
     let builder = Arc::new(crate::proxy::server::http_builder());
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of fds and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let (proxy, builder) = (proxy.clone(), builder.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {

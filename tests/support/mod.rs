@@ -17,7 +17,18 @@ use remora::runtime::{Proxy, RunOptions};
 /// A port that was free a moment ago (bind :0, read, release). Configs name
 /// fixed ports, so tests pick them this way.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    // The OS may hand the same ephemeral port out twice in a row once it is
+    // released; never give one out twice in this process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no fresh port after 1000 tries");
 }
 
 /// An echo backend (HTTP/1.1 and h2c) on a fresh loopback port.
