@@ -339,4 +339,10 @@ async fn authorization_by_peer_identity_and_path() {
     assert!(line.contains(&format!("source_principal=\"{CLIENT_ID}\"")), "{line}");
     assert!(line.contains("connection_security_policy=\"mutual_tls\""), "{line}");
     assert!(text.contains("response_flags=\"RBAC\""), "{text}");
+    assert!(text.contains(&format!("remora_identity_info{{spiffe_id=\"{SERVER_ID}\"")), "{text}");
+    let expiry = text
+        .lines()
+        .find_map(|l| l.strip_prefix("remora_identity_cert_expiry_seconds "))
+        .and_then(|v| v.parse::<i64>().ok());
+    assert!(expiry.is_some_and(|s| s > 3600), "{expiry:?}");
 }

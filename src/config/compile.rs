@@ -624,24 +624,7 @@ impl Compiler<'_> {
                 policy_json: json!({"defaultEndpoint": endpoint.to_string()}),
             });
             self.clusters.insert(key, cluster.clone());
-            let route = Route {
-                name: "default".into(),
-                matcher: RouteMatch::default(),
-                action: Action::Forward(Forward::new(vec![WeightedCluster::new(
-                    cluster,
-                    100,
-                    HeaderOps::default(),
-                    HeaderOps::default(),
-                )])),
-                request_headers: HeaderOps::default(),
-                response_headers: HeaderOps::default(),
-                rewrite: None,
-                timeout: None,
-                fault: None,
-                retry: Some(RetryPolicy::istio_default()),
-                mirrors: Vec::new(),
-            };
-            let vh = Arc::new(VirtualHost { name: format!("inbound|{port}"), routes: vec![route] });
+            let vh = Arc::new(VirtualHost { name: format!("inbound|{port}"), routes: vec![route_all_to(cluster)] });
             let mut table = RouteTable::new(Fallback::NotFound);
             table.add_domain("*", &vh);
             let tls = self.inbound_tls(resources, endpoint.port(), sc_res, &path);
@@ -846,24 +829,7 @@ impl Compiler<'_> {
     /// Istio's route for a host with no VirtualService: everything to the service.
     fn default_virtual_host(&mut self, host: &str, port: u16) -> Result<Arc<VirtualHost>, String> {
         let cluster = self.cluster(host, None, port)?;
-        let route = Route {
-            name: "default".into(),
-            matcher: RouteMatch::default(),
-            action: Action::Forward(Forward::new(vec![WeightedCluster::new(
-                cluster,
-                100,
-                HeaderOps::default(),
-                HeaderOps::default(),
-            )])),
-            request_headers: HeaderOps::default(),
-            response_headers: HeaderOps::default(),
-            rewrite: None,
-            timeout: None,
-            fault: None,
-            retry: Some(RetryPolicy::istio_default()),
-            mirrors: Vec::new(),
-        };
-        Ok(Arc::new(VirtualHost { name: host.to_string(), routes: vec![route] }))
+        Ok(Arc::new(VirtualHost { name: host.to_string(), routes: vec![route_all_to(cluster)] }))
     }
 
     /// Compiles a VirtualService's HTTP routes for one listener port. `gateway`
@@ -1166,6 +1132,28 @@ impl Compiler<'_> {
                 }
             }
         }
+    }
+}
+
+/// Istio's default route: every request to `cluster`, with the mesh's
+/// default retry policy and no timeout.
+fn route_all_to(cluster: Arc<crate::upstream::Cluster>) -> Route {
+    Route {
+        name: "default".into(),
+        matcher: RouteMatch::default(),
+        action: Action::Forward(Forward::new(vec![WeightedCluster::new(
+            cluster,
+            100,
+            HeaderOps::default(),
+            HeaderOps::default(),
+        )])),
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        rewrite: None,
+        timeout: None,
+        fault: None,
+        retry: Some(RetryPolicy::istio_default()),
+        mirrors: Vec::new(),
     }
 }
 

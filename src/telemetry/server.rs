@@ -105,6 +105,19 @@ pub fn render(proxy: &Proxy) -> String {
         );
         let _ = writeln!(out, "remora_config_last_applied_timestamp_seconds {}", at.as_secs());
     }
+    if let Some(id) = proxy.identity().and_then(|s| s.current()) {
+        family(&mut out, "remora_identity_info", "gauge", "The workload identity in use.");
+        let _ = writeln!(out, "remora_identity_info{{spiffe_id=\"{}\",serial=\"{}\"}} 1", id.spiffe_id, id.serial);
+        if let Some(secs) = id.seconds_to_expiry() {
+            family(
+                &mut out,
+                "remora_identity_cert_expiry_seconds",
+                "gauge",
+                "Seconds until the workload certificate expires.",
+            );
+            let _ = writeln!(out, "remora_identity_cert_expiry_seconds {secs}");
+        }
+    }
     family(&mut out, "remora_build_info", "gauge", "Build information.");
     let _ = writeln!(out, "remora_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
     family(
