@@ -61,6 +61,8 @@ pub struct Listener {
     pub routes: RouteTable,
     /// mTLS mode of a sidecar ingress listener.
     pub tls: InboundTls,
+    /// TLS of an HTTPS gateway listener.
+    pub gateway_tls: Option<std::sync::Arc<crate::tls::gateway::GatewayTls>>,
     /// AuthorizationPolicies enforced on this (inbound) listener.
     pub authz: std::sync::Arc<crate::authz::Policies>,
     /// The port authorization sees as `destination.port` (the app's port on

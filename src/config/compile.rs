@@ -493,6 +493,8 @@ impl Compiler<'_> {
             gateway: &'r Resource,
             index: usize,
             hosts: Vec<String>,
+            tls: Option<&'r model::ServerTlsSettings>,
+            https: bool,
         }
         let mut by_addr: BTreeMap<SocketAddr, Vec<Server>> = BTreeMap::new();
         for r in resources {
@@ -510,21 +512,61 @@ impl Compiler<'_> {
                     None => DEFAULT_PUBLIC_BIND,
                 };
                 let Ok(port) = u16::try_from(s.port.number) else { continue };
+                let https = s.port.protocol.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("HTTPS"));
                 by_addr.entry(SocketAddr::new(ip, port)).or_default().push(Server {
                     gateway: r,
                     index: i,
                     hosts: s.hosts.clone(),
+                    tls: s.tls.as_ref(),
+                    https,
                 });
             }
         }
         for (addr, servers) in by_addr {
             let mut table = RouteTable::new(Fallback::NotFound);
             let mut names = Vec::new();
+            let https: Vec<&Server> = servers.iter().filter(|s| s.https).collect();
+            if !https.is_empty() && https.len() != servers.len() {
+                let first = servers[0].gateway;
+                self.push(first.error(
+                    "spec.servers",
+                    format!("port {} mixes HTTPS and plaintext servers; give them different ports", addr.port()),
+                ));
+                continue;
+            }
+            let gateway_tls = if https.is_empty() {
+                None
+            } else {
+                let specs = https
+                    .iter()
+                    .filter_map(|s| s.tls.map(|t| crate::tls::gateway::ServerTls::from_settings(&s.hosts, t)))
+                    .collect();
+                match crate::tls::gateway::GatewayTls::load(specs) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        let path = format!("spec.servers[{}].tls", https[0].index);
+                        self.push(https[0].gateway.error(path, e));
+                        continue;
+                    }
+                }
+            };
             for server in &servers {
                 let gw = server.gateway;
                 let gw_ref = format!("{}/{}", gw.namespace, gw.name);
                 if !names.contains(&gw_ref) {
                     names.push(gw_ref.clone());
+                }
+                // `httpsRedirect`: every request to the server's hosts is
+                // sent to https instead of being routed.
+                if server.tls.and_then(|t| t.https_redirect) == Some(true) && !server.https {
+                    let vh = Arc::new(VirtualHost {
+                        name: format!("{gw_ref} https redirect"),
+                        routes: vec![https_redirect_route()],
+                    });
+                    for h in &server.hosts {
+                        table.add_domain(h.rsplit('/').next().unwrap_or(h), &vh);
+                    }
+                    continue;
                 }
                 for vs_res in resources {
                     let Spec::VirtualService(vs) = &vs_res.spec else { continue };
@@ -556,6 +598,7 @@ impl Compiler<'_> {
                 kind: ListenerKind::Gateway,
                 routes: table,
                 tls: InboundTls::Disable,
+                gateway_tls,
                 authz: self.authz.clone(),
                 authz_port: addr.port(),
             });
@@ -634,6 +677,7 @@ impl Compiler<'_> {
                 kind: ListenerKind::SidecarIngress,
                 routes: table,
                 tls,
+                gateway_tls: None,
                 authz: self.authz.clone(),
                 authz_port: endpoint.port(),
             });
@@ -657,6 +701,7 @@ impl Compiler<'_> {
                 kind: ListenerKind::SidecarEgress,
                 routes: table,
                 tls: InboundTls::Disable,
+                gateway_tls: None,
                 authz: Arc::new(crate::authz::Policies::empty()),
                 authz_port: port,
             });
@@ -1132,6 +1177,29 @@ impl Compiler<'_> {
                 }
             }
         }
+    }
+}
+
+/// Envoy's `require_tls: ALL`: a 301 to the same host and path over https.
+fn https_redirect_route() -> Route {
+    Route {
+        name: "https-redirect".into(),
+        matcher: RouteMatch::default(),
+        action: Action::Redirect(Redirect {
+            uri: None,
+            prefix_rewrite: None,
+            authority: None,
+            scheme: Some("https".into()),
+            port: RedirectPort::ProtocolDefault,
+            code: StatusCode::MOVED_PERMANENTLY,
+        }),
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        rewrite: None,
+        timeout: None,
+        fault: None,
+        retry: None,
+        mirrors: Vec::new(),
     }
 }
 

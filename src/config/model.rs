@@ -725,11 +725,47 @@ pub struct Server {
     #[serde(default)]
     pub hosts: Vec<String>,
     #[serde(default)]
-    pub tls: Unsupported,
+    pub tls: Option<ServerTlsSettings>,
     #[serde(default)]
     pub default_endpoint: Option<String>,
     #[serde(default)]
     pub name: Option<String>,
+}
+
+/// A Gateway server's TLS (`ServerTLSSettings`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerTlsSettings {
+    #[serde(default)]
+    pub https_redirect: Option<bool>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub server_certificate: Option<String>,
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    #[serde(default)]
+    pub ca_crl: Option<String>,
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub credential_names: Vec<String>,
+    #[serde(default)]
+    pub tls_certificates: Unsupported,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default)]
+    pub verify_certificate_spki: Vec<String>,
+    #[serde(default)]
+    pub verify_certificate_hash: Vec<String>,
+    #[serde(default)]
+    pub min_protocol_version: Option<String>,
+    #[serde(default)]
+    pub max_protocol_version: Option<String>,
+    #[serde(default)]
+    pub cipher_suites: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -1397,6 +1397,56 @@ impl Validator<'_> {
 
     // === Gateway ===
 
+    /// A Gateway server's TLS: SIMPLE and MUTUAL from files.
+    fn server_tls(&mut self, path: &str, t: &model::ServerTlsSettings) {
+        match t.mode.as_deref().unwrap_or("SIMPLE") {
+            "SIMPLE" | "MUTUAL" => {
+                for (name, v) in [("serverCertificate", &t.server_certificate), ("privateKey", &t.private_key)] {
+                    if !set(v) {
+                        self.err(format!("{path}.{name}"), format!("`{name}` (a file path) is required"));
+                    }
+                }
+                if t.mode.as_deref() == Some("MUTUAL") && !set(&t.ca_certificates) {
+                    self.err(format!("{path}.caCertificates"), "MUTUAL needs `caCertificates` to verify clients");
+                }
+            }
+            m @ ("PASSTHROUGH" | "AUTO_PASSTHROUGH" | "ISTIO_MUTUAL" | "OPTIONAL_MUTUAL") => {
+                self.err(format!("{path}.mode"), format!("tls mode {m} on a Gateway is not supported by remora yet"))
+            }
+            other => self.err(format!("{path}.mode"), format!("unknown tls mode `{other}`")),
+        }
+        if set(&t.credential_name) || !t.credential_names.is_empty() || present(&t.tls_certificates) {
+            self.err(
+                format!("{path}.credentialName"),
+                "Kubernetes secrets are not supported by remora; use serverCertificate and privateKey files",
+            );
+        }
+        for (name, v) in
+            [("minProtocolVersion", &t.min_protocol_version), ("maxProtocolVersion", &t.max_protocol_version)]
+        {
+            match v.as_deref() {
+                None | Some("TLS_AUTO" | "TLSV1_2" | "TLSV1_3") => {}
+                Some(other @ ("TLSV1_0" | "TLSV1_1")) => self.err(
+                    format!("{path}.{name}"),
+                    format!("{other} is not offered: remora speaks TLS 1.2 and 1.3 only"),
+                ),
+                Some(other) => self.err(format!("{path}.{name}"), format!("unknown TLS version `{other}`")),
+            }
+        }
+        if set(&t.ca_crl) {
+            self.not_yet(&format!("{path}.caCrl"));
+        }
+        if !t.verify_certificate_spki.is_empty() || !t.verify_certificate_hash.is_empty() {
+            self.not_yet(&format!("{path}.verifyCertificateSpki"));
+        }
+        if !t.cipher_suites.is_empty() {
+            self.warn(
+                format!("{path}.cipherSuites"),
+                "remora uses rustls' default cipher suites; `cipherSuites` is ignored",
+            );
+        }
+    }
+
     fn gateway(&mut self, gw: &model::Gateway) {
         if gw.servers.is_empty() {
             self.err("spec.servers", "at least one server is required");
@@ -1412,17 +1462,24 @@ impl Validator<'_> {
             match s.port.protocol.as_deref().filter(|p| !p.is_empty()) {
                 None => self.err(ppath, "port.protocol is required (HTTP, HTTP2 or GRPC)"),
                 Some(p) => match known_protocol(p) {
-                    Some("HTTP" | "HTTP2" | "GRPC") => {}
-                    Some("HTTPS" | "TLS" | "TCP") => self.err(
+                    Some("HTTP" | "HTTP2" | "GRPC") => {
+                        if s.tls.as_ref().is_some_and(|t| t.mode.is_some()) {
+                            self.err(format!("{spath}.tls.mode"), "a TLS mode needs protocol HTTPS");
+                        }
+                    }
+                    Some("HTTPS") => match &s.tls {
+                        None => self.err(format!("{spath}.tls"), "protocol HTTPS needs `tls`"),
+                        Some(t) => self.server_tls(&format!("{spath}.tls"), t),
+                    },
+                    Some("TLS" | "TCP") => self.err(
                         ppath,
                         format!("protocol {} on a Gateway is not supported by remora yet", p.to_ascii_uppercase()),
                     ),
-                    _ => self
-                        .err(ppath, format!("protocol `{p}` is not supported on a Gateway; use HTTP, HTTP2 or GRPC")),
+                    _ => self.err(
+                        ppath,
+                        format!("protocol `{p}` is not supported on a Gateway; use HTTP, HTTPS, HTTP2 or GRPC"),
+                    ),
                 },
-            }
-            if present(&s.tls) {
-                self.not_yet(&format!("{spath}.tls"));
             }
             if s.hosts.is_empty() {
                 self.err(format!("{spath}.hosts"), "at least one host is required");
@@ -2289,10 +2346,10 @@ mod tests {
             "  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"Bad_NS/x\", \"./*.example.com\", \"*\", \"prod/a.example.com\", \"*/x.*\"]\n    tls: {mode: SIMPLE}\n    bind: localhost\n  - port: {number: 80}\n    hosts: []\n  - port: {number: 8080, protocol: http2}\n    hosts: [\"*\"]\n    bind: 127.0.0.1\n",
         ));
         for want in [
-            "spec.servers[0].port.protocol: protocol HTTPS on a Gateway is not supported by remora yet",
+            "spec.servers[0].tls.serverCertificate: `serverCertificate` (a file path) is required",
+            "spec.servers[0].tls.privateKey: `privateKey` (a file path) is required",
             "spec.servers[0].hosts[0]: `Bad_NS` in `Bad_NS/x` is not `*`, `.` or a namespace name",
             "spec.servers[0].hosts[4]: host `x.*`: a wildcard is only allowed as the whole first label",
-            "spec.servers[0].tls: `spec.servers[0].tls` is not supported by remora yet",
             "spec.servers[0].bind: bind `localhost` must be an IP address",
             "spec.servers[1].port.protocol: port.protocol is required",
             "spec.servers[1].hosts: at least one host is required",
@@ -2300,6 +2357,17 @@ mod tests {
             assert_error(&e, want);
         }
         assert_eq!(e.len(), 7, "{e:#?}");
+        let e = errors(&gw(
+            "  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: PASSTHROUGH, credentialName: x, minProtocolVersion: TLSV1_1}\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE}\n",
+        ));
+        for want in [
+            "spec.servers[0].tls.mode: tls mode PASSTHROUGH on a Gateway is not supported by remora yet",
+            "spec.servers[0].tls.credentialName: Kubernetes secrets are not supported by remora",
+            "spec.servers[0].tls.minProtocolVersion: TLSV1_1 is not offered",
+            "spec.servers[1].tls.mode: a TLS mode needs protocol HTTPS",
+        ] {
+            assert_error(&e, want);
+        }
         let e = errors("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n");
         assert_eq!(e, vec!["spec.servers: at least one server is required"]);
     }

@@ -107,6 +107,8 @@ pub struct ConnInfo {
     pub identity: Option<Arc<crate::tls::inbound::Peer>>,
     /// `x-forwarded-client-cert` for requests on this mTLS connection.
     pub xfcc: Option<HeaderValue>,
+    /// The client connected over TLS to a gateway (the request's scheme is https).
+    pub secure: bool,
 }
 
 /// Per-request facts gathered while routing, reported when the response has
@@ -315,7 +317,7 @@ async fn route_request(
             return Err(ProxyError::Rbac);
         }
     }
-    let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
+    let scheme = req.uri().scheme_str().unwrap_or(if conn.secure { "https" } else { "http" }).to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let view = RequestView {

@@ -373,14 +373,26 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 // The mTLS mode comes from the snapshot the connection
                 // arrives under (PeerAuthentication on a sidecar ingress).
-                let mode = state.snapshot.load().listener(&addr).map(|l| l.tls).unwrap_or_default();
+                let (mode, gateway_tls) = match state.snapshot.load().listener(&addr) {
+                    Some(l) => (l.tls, l.gateway_tls.clone()),
+                    None => (InboundTls::default(), None),
+                };
                 let (state, builder) = (state.clone(), builder.clone());
                 let watcher = graceful.watcher();
                 let open = ConnGuard::new(&track);
                 conns.spawn(async move {
                     let _open = open;
                     let identity = state.identity();
-                    let (io, peer_id): (BoxIo, _) = if mode == InboundTls::Disable {
+                    let secure = gateway_tls.is_some();
+                    let (io, peer_id): (BoxIo, _) = if let Some(tls) = gateway_tls {
+                        match tls.accept(stream).await {
+                            Ok(x) => x,
+                            Err(e) => {
+                                tracing::debug!(%peer, %addr, error = %e, "TLS connection refused");
+                                return;
+                            }
+                        }
+                    } else if mode == InboundTls::Disable {
                         (Box::new(stream), None)
                     } else {
                         match crate::tls::inbound::accept(stream, mode, identity.as_ref()).await {
@@ -396,7 +408,7 @@ async fn accept_loop(
                         let v = format!("By={own};Hash={};Subject=\"\";URI={}", p.cert_hash, p.spiffe_id);
                         http::HeaderValue::from_str(&v).ok()
                     });
-                    let conn = ConnInfo { local: addr, peer, identity: peer_id, xfcc };
+                    let conn = ConnInfo { local: addr, peer, identity: peer_id, xfcc, secure };
                     let svc = service_fn(move |req| {
                         let (state, conn) = (state.clone(), conn.clone());
                         async move { Ok::<_, std::convert::Infallible>(handler::handle(state, conn, req).await) }

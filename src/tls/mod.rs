@@ -8,6 +8,7 @@
 //! the trust bundle: new handshakes use the new certificate, established
 //! connections keep theirs.
 
+pub mod gateway;
 pub mod inbound;
 pub mod verify;
 

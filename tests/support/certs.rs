@@ -28,6 +28,14 @@ impl Ca {
         self.workload_with(spiffe_id, false)
     }
 
+    /// A server certificate for DNS names (gateway certificates).
+    pub fn server(&self, dns: &[&str]) -> Workload {
+        let params = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Workload { cert_pem: cert.pem(), key_pem: key.serialize_pem(), root_pem: self.pem(), der: cert.der().to_vec() }
+    }
+
     pub fn expired_workload(&self, spiffe_id: &str) -> Workload {
         self.workload_with(spiffe_id, true)
     }
