@@ -218,3 +218,112 @@ fn missing_or_broken_files_reject_the_config() {
         remora::config::compile::compile(&set, &Default::default(), &remora::upstream::Registry::new()).unwrap_err();
     assert!(errs.iter().any(|e| e.to_string().contains("/nonexistent/cert.pem")), "{errs:#?}");
 }
+
+/// A TLS upstream (HTTP/1.1 over rustls) that answers with whether the client
+/// presented a certificate.
+async fn tls_upstream(server: &Workload, client_ca: Option<&str>) -> std::net::SocketAddr {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(server.cert_pem.as_bytes()).map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(BOTH).unwrap();
+    let cfg = match client_ca {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let v =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+            builder.with_client_cert_verifier(v).with_single_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth().with_single_cert(chain, key).unwrap(),
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else { return };
+                let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| async move {
+                    let body = if has_cert { "tls with client cert" } else { "tls" };
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(body),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_and_mutual_tls_origination() {
+    let ca = Ca::new("upstream ca");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let server = ca.server(&["backend.example.com"]);
+    let plain = tls_upstream(&server, None).await;
+    let clients = Ca::new("client ca");
+    let mutual = tls_upstream(&server, Some(&clients.pem())).await;
+    let (cc, ck) = write_pair(dir.path(), "client", &clients.server(&["proxy.example.com"]));
+    let port = free_port();
+    let route = |prefix: &str, host: &str| {
+        format!(
+            "  - match:\n    - uri:\n        prefix: {prefix}\n    route:\n    - destination:\n        host: {host}\n"
+        )
+    };
+    let dr = |name: &str, host: &str, tls: String| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: {name}\nspec:\n  host: {host}\n  trafficPolicy:\n    tls:\n{tls}---\n"
+        )
+    };
+    let ca_path = ca_file.display();
+    let yaml = format!(
+        "{}{}{}{}{}{}{}{}{}",
+        service_entry("simple", "simple.test", 443, "HTTP", &[(plain, "v1")]),
+        dr(
+            "simple",
+            "simple.test",
+            format!("      mode: SIMPLE\n      caCertificates: {ca_path}\n      sni: backend.example.com\n")
+        ),
+        service_entry("wrongname", "wrongname.test", 443, "HTTP", &[(plain, "v1")]),
+        dr("wrongname", "wrongname.test", format!("      mode: SIMPLE\n      caCertificates: {ca_path}\n")),
+        service_entry("insecure", "insecure.test", 443, "HTTP", &[(plain, "v1")]),
+        dr("insecure", "insecure.test", "      mode: SIMPLE\n      insecureSkipVerify: true\n".into()),
+        service_entry("mutual", "mutual.test", 443, "HTTP", &[(mutual, "v1")]),
+        dr(
+            "mutual",
+            "mutual.test",
+            format!(
+                "      mode: MUTUAL\n      caCertificates: {ca_path}\n      sni: backend.example.com\n      clientCertificate: {cc}\n      privateKey: {ck}\n"
+            )
+        ),
+        gateway("gw", port)
+    ) + &gateway_vs(
+        "vs",
+        "gw",
+        &[
+            route("/simple", "simple.test"),
+            route("/wrongname", "wrongname.test"),
+            route("/insecure", "insecure.test"),
+            route("/mutual", "mutual.test"),
+        ]
+        .concat(),
+    );
+    let _p = TestProxy::start(&yaml).await;
+    let c = client();
+    let base = format!("http://127.0.0.1:{port}");
+    assert_eq!(get(&c, &format!("{base}/simple"), &[]).await, (200, "tls".to_string()));
+    // The name checked is the service host when no sni is set: it is not on
+    // the certificate, so the handshake fails.
+    assert_eq!(get(&c, &format!("{base}/wrongname"), &[]).await.0, 503);
+    assert_eq!(get(&c, &format!("{base}/insecure"), &[]).await, (200, "tls".to_string()));
+    assert_eq!(get(&c, &format!("{base}/mutual"), &[]).await, (200, "tls with client cert".to_string()));
+}

@@ -458,6 +458,23 @@ impl Compiler<'_> {
                 let sans = tls.map(|t| t.subject_alt_names.clone()).filter(|s| !s.is_empty()).unwrap_or(service_sans);
                 Ok(mesh(None, &sans))
             }
+            Some(mode @ ("SIMPLE" | "MUTUAL")) => {
+                let t = tls.cloned().unwrap_or_default();
+                let spec = crate::tls::OriginateTls {
+                    server_name: t.sni.clone().unwrap_or_else(|| key.host.clone()),
+                    ca: t.ca_certificates.clone().map(std::path::PathBuf::from),
+                    sans: if t.subject_alt_names.is_empty() { service_sans } else { t.subject_alt_names.clone() },
+                    insecure: t.insecure_skip_verify.unwrap_or(false),
+                    client: match (mode, &t.client_certificate, &t.private_key) {
+                        ("MUTUAL", Some(c), Some(k)) => Some((c.into(), k.into())),
+                        _ => None,
+                    },
+                    h2: false,
+                };
+                // Read the files now: a broken certificate rejects the config.
+                spec.client_config().map_err(|e| format!("tls for {}: {e}", key.host))?;
+                Ok(UpstreamTls::Originate(spec))
+            }
             Some(_) => Ok(UpstreamTls::Plain),
             None => {
                 // Auto-mTLS: Istio's injection labels meshed endpoints.

@@ -1229,10 +1229,15 @@ impl Validator<'_> {
             || set(&tls.credential_name);
         match mode {
             "DISABLE" => {}
-            "SIMPLE" => self.err(mpath, "tls mode SIMPLE (TLS to the upstream) is not supported by remora yet"),
-            "MUTUAL" | "ISTIO_MUTUAL" => {
-                if mode == "MUTUAL" {
-                    self.err(mpath, "tls mode MUTUAL (client certificates from files) is not supported by remora yet");
+            "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL" => {
+                if mode != "ISTIO_MUTUAL" && set(&tls.credential_name) {
+                    self.err(
+                        format!("{path}.credentialName"),
+                        "Kubernetes secrets are not supported by remora; use file paths",
+                    );
+                }
+                if set(&tls.ca_crl) {
+                    self.not_yet(&format!("{path}.caCrl"));
                 }
                 if mode == "ISTIO_MUTUAL" && certs {
                     self.err(
@@ -1240,10 +1245,8 @@ impl Validator<'_> {
                         "with ISTIO_MUTUAL the mesh's certificates are used: clientCertificate, privateKey, caCertificates and credentialName must not be set",
                     );
                 }
-                if mode == "MUTUAL"
-                    && !(set(&tls.credential_name) || (set(&tls.client_certificate) && set(&tls.private_key)))
-                {
-                    self.err(path, "tls mode MUTUAL needs clientCertificate and privateKey, or credentialName");
+                if mode == "MUTUAL" && !(set(&tls.client_certificate) && set(&tls.private_key)) {
+                    self.err(path, "tls mode MUTUAL needs clientCertificate and privateKey");
                 }
             }
             other => {

@@ -391,6 +391,8 @@ pub enum UpstreamTls {
         /// `security.istio.io/tlsMode: istio`) get TLS. `None`: all of them.
         only: Option<Vec<std::net::SocketAddr>>,
     },
+    /// TLS to a non-mesh upstream (`SIMPLE`, `MUTUAL`).
+    Originate(OriginateTls),
 }
 
 /// Opens TCP, then TLS when the cluster's policy says so for the endpoint.
@@ -428,6 +430,107 @@ impl crate::upstream::pool::Connect for MeshConnect {
                 return Ok(io);
             }
             let stream = tokio_rustls::TlsConnector::from(config).connect(sni, io).await?;
+            Ok(Box::new(stream) as crate::upstream::pool::BoxIo)
+        })
+    }
+}
+
+/// `DestinationRule` `tls.mode: SIMPLE` or `MUTUAL` towards a non-mesh
+/// upstream: CA and client certificate from files.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OriginateTls {
+    /// SNI and the name verified (`sni`, else the service host).
+    pub server_name: String,
+    pub ca: Option<PathBuf>,
+    /// Accepted server SANs (DNS or URI); when set they replace the
+    /// hostname check.
+    pub sans: Vec<String>,
+    pub insecure: bool,
+    /// MUTUAL: the client certificate and key.
+    pub client: Option<(PathBuf, PathBuf)>,
+    pub h2: bool,
+}
+
+/// Debian's bundle of public CAs, used when `caCertificates` is not given.
+const SYSTEM_CA_FILES: [&str; 2] = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
+
+impl OriginateTls {
+    /// Builds the client config, reading the files (errors name them).
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        let provider = crypto();
+        let mut roots = RootCertStore::empty();
+        let ca_files: Vec<PathBuf> = match &self.ca {
+            Some(p) => vec![p.clone()],
+            None => SYSTEM_CA_FILES.iter().map(PathBuf::from).filter(|p| p.exists()).take(1).collect(),
+        };
+        for f in &ca_files {
+            let bytes = std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            for c in CertificateDer::pem_slice_iter(&bytes) {
+                let c = c.map_err(|e| format!("{}: {e}", f.display()))?;
+                let _ = roots.add(c);
+            }
+        }
+        if roots.is_empty() && !self.insecure {
+            return Err("no CA certificates to verify the upstream (set caCertificates)".into());
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?;
+        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = if self.insecure {
+            Arc::new(verify::AnyServer(provider.clone()))
+        } else if !self.sans.is_empty() {
+            Arc::new(verify::SanServerVerifier::new(Arc::new(roots), self.sans.clone(), provider.clone()))
+        } else {
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| e.to_string())?
+        };
+        let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
+        let mut cfg = match &self.client {
+            Some((cert, key)) => {
+                let cb = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+                let chain: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&cb).collect();
+                let chain = chain.map_err(|e| format!("{}: {e}", cert.display()))?;
+                let kb = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
+                let k = PrivateKeyDer::from_pem_slice(&kb).map_err(|e| format!("{}: {e}", key.display()))?;
+                builder.with_client_auth_cert(chain, k).map_err(|e| format!("{}: {e}", key.display()))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = if self.h2 { vec![b"h2".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// TLS origination for `SIMPLE`/`MUTUAL` clusters.
+pub struct OriginateConnect {
+    config: Result<Arc<rustls::ClientConfig>, String>,
+    name: Option<rustls_pki_types::ServerName<'static>>,
+}
+
+impl OriginateConnect {
+    pub fn new(t: &OriginateTls) -> Self {
+        OriginateConnect {
+            config: t.client_config(),
+            name: rustls_pki_types::ServerName::try_from(t.server_name.clone()).ok(),
+        }
+    }
+}
+
+impl crate::upstream::pool::Connect for OriginateConnect {
+    fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        settings: &crate::upstream::PoolSettings,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<crate::upstream::pool::BoxIo>> + Send>>
+    {
+        let tcp = crate::upstream::pool::Connect::connect(&crate::upstream::pool::TcpConnect, addr, settings);
+        let (config, name) = (self.config.clone(), self.name.clone());
+        Box::pin(async move {
+            let config = config.map_err(std::io::Error::other)?;
+            let name = name.ok_or_else(|| std::io::Error::other("invalid TLS server name"))?;
+            let io = tcp.await?;
+            let stream = tokio_rustls::TlsConnector::from(config).connect(name, io).await?;
             Ok(Box::new(stream) as crate::upstream::pool::BoxIo)
         })
     }

@@ -293,6 +293,9 @@ impl Registry {
     /// Plain TCP, or mTLS with the workload identity.
     fn connector(&self, spec: &ClusterSpec) -> Arc<dyn pool::Connect> {
         let h2 = spec.settings.protocol == Protocol::Http2;
+        if let crate::tls::UpstreamTls::Originate(t) = &spec.tls {
+            return Arc::new(crate::tls::OriginateConnect::new(t));
+        }
         match self.identity.as_ref().and_then(|id| crate::tls::MeshConnect::new(id, &spec.tls, h2)) {
             Some(c) => Arc::new(c),
             None => Arc::new(pool::TcpConnect),
