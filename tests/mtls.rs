@@ -346,3 +346,20 @@ async fn authorization_by_peer_identity_and_path() {
         .and_then(|v| v.parse::<i64>().ok());
     assert!(expiry.is_some_and(|s| s > 3600), "{expiry:?}");
 }
+
+/// An SNI that can't be a DNS name (a 63-character subset makes its label
+/// too long) must never turn ISTIO_MUTUAL into plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_mutual_never_falls_back_to_plaintext() {
+    let mesh = Mesh::new();
+    let plaintext_app = echo("app").await;
+    let egress = free_port();
+    let subset = "a".repeat(63);
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: server\nspec:\n  hosts: [server.test]\n  resolution: STATIC\n  ports:\n  - number: {egress}\n    name: http\n    protocol: HTTP\n  endpoints:\n  - address: 127.0.0.1\n    ports:\n      http: {}\n    labels:\n      app: server\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: server\nspec:\n  host: server.test\n  trafficPolicy:\n    tls:\n      mode: ISTIO_MUTUAL\n  subsets:\n  - name: {subset}\n    labels:\n      app: server\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: server\nspec:\n  hosts: [server.test]\n  http:\n  - route:\n    - destination:\n        host: server.test\n        subset: {subset}\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: client\nspec:\n  egress:\n  - port:\n      number: {egress}\n      protocol: HTTP\n      name: http\n    bind: 127.0.0.1\n    hosts: [\"./*\"]\n",
+        plaintext_app.port()
+    );
+    let _client = sidecar(&yaml, Some(&mesh.identity("client", CLIENT_ID)), "client").await;
+    let (status, body) = get(&client(), &format!("http://127.0.0.1:{egress}/"), &[("host", "server.test")]).await;
+    assert_eq!(status, 503, "a plaintext server must not be reached over ISTIO_MUTUAL: {body}");
+}

@@ -398,14 +398,20 @@ pub enum UpstreamTls {
 /// Opens TCP, then TLS when the cluster's policy says so for the endpoint.
 pub struct MeshConnect {
     config: Arc<rustls::ClientConfig>,
-    sni: rustls_pki_types::ServerName<'static>,
+    /// Istio's SNI; `None` when it is not a valid DNS name (a long subset or
+    /// host, a wildcard host), in which case no SNI is sent — the server's
+    /// identity is checked by SPIFFE ID either way, never skipped.
+    sni: Option<rustls_pki_types::ServerName<'static>>,
     only: Option<Vec<std::net::SocketAddr>>,
 }
 
 impl MeshConnect {
     pub fn new(store: &Arc<IdentityStore>, tls: &UpstreamTls, h2: bool) -> Option<Self> {
         let UpstreamTls::IstioMutual { sni, expected, trust_domain, only } = tls else { return None };
-        let name = rustls_pki_types::ServerName::try_from(sni.clone()).ok()?;
+        let name = rustls_pki_types::ServerName::try_from(sni.clone()).ok();
+        if name.is_none() {
+            tracing::debug!(%sni, "not a valid SNI name; mTLS handshakes will send none");
+        }
         Some(MeshConnect {
             config: store.client_config(expected.clone(), trust_domain.clone(), h2),
             sni: name,
@@ -423,7 +429,9 @@ impl crate::upstream::pool::Connect for MeshConnect {
     {
         let tcp = crate::upstream::pool::Connect::connect(&crate::upstream::pool::TcpConnect, addr, settings);
         let tls = self.only.as_ref().is_none_or(|only| only.contains(&addr));
-        let (config, sni) = (self.config.clone(), self.sni.clone());
+        // An IP address as the name makes rustls send no SNI.
+        let sni = self.sni.clone().unwrap_or(rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
+        let config = self.config.clone();
         Box::pin(async move {
             let io = tcp.await?;
             if !tls {

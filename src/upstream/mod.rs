@@ -296,9 +296,15 @@ impl Registry {
         if let crate::tls::UpstreamTls::Originate(t) = &spec.tls {
             return Arc::new(crate::tls::OriginateConnect::new(t));
         }
-        match self.identity.as_ref().and_then(|id| crate::tls::MeshConnect::new(id, &spec.tls, h2)) {
-            Some(c) => Arc::new(c),
-            None => Arc::new(pool::TcpConnect),
+        match (&spec.tls, &self.identity) {
+            (crate::tls::UpstreamTls::Plain, _) => Arc::new(pool::TcpConnect),
+            (mesh, Some(id)) => match crate::tls::MeshConnect::new(id, mesh, h2) {
+                Some(c) => Arc::new(c),
+                None => Arc::new(pool::Refuse("mTLS connector could not be built")),
+            },
+            // The compiler refuses mTLS config without an identity; never
+            // fall back to plaintext if one got here anyway.
+            (_, None) => Arc::new(pool::Refuse("mTLS needs the workload identity")),
         }
     }
 

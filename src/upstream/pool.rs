@@ -254,6 +254,16 @@ impl Connect for TcpConnect {
     }
 }
 
+/// Fails every connect: used where sending plaintext would be wrong.
+pub struct Refuse(pub &'static str);
+
+impl Connect for Refuse {
+    fn connect(&self, _: SocketAddr, _: &PoolSettings) -> Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send>> {
+        let why = self.0;
+        Box::pin(async move { Err(std::io::Error::other(why)) })
+    }
+}
+
 /// State shared by all endpoints of one cluster: limits, counters, stats and
 /// the outlier detector.
 pub struct ClusterShared {
