@@ -68,6 +68,14 @@ fn run_exits_64_on_an_invalid_first_config_or_bad_flags() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    // The admin API is never served off loopback.
+    let out = Command::new(BIN)
+        .args(["run", "--admin", "0.0.0.0:1", "--metrics", &metrics, "--health", &health, "--config"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
     let out = Command::new(BIN).args(["run", "--no-such-flag"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let out = Command::new(BIN).args(["run", "--config", "x", "--workload-labels", "novalue"]).output().unwrap();

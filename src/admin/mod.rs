@@ -266,11 +266,22 @@ pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
     let rejection = proxy
         .last_rejection()
         .map(|r| json!({"version": r.version, "at_unix": unix_secs(Some(r.at)), "errors": r.errors}));
+    // Certificates by path and fingerprint; key material is never shown.
+    let identity = proxy.identity().and_then(|s| s.current()).map(|id| {
+        json!({
+            "spiffe_id": id.spiffe_id,
+            "serial": id.serial,
+            "cert_sha256": id.certified.cert.first().map(crate::tls::fingerprint),
+            "seconds_to_expiry": id.seconds_to_expiry(),
+            "dir": proxy.options().compile.identity_dir.as_ref().map(|p| p.display().to_string()),
+        })
+    });
     json!({
         "active": if proxy.is_configured() { snap.dump() } else { serde_json::Value::Null },
         "applied_at_unix": unix_secs(proxy.applied_at()),
         "last_rejection": rejection,
         "config_paths": proxy.options().config_paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "identity": identity,
     })
 }
 

@@ -233,6 +233,14 @@ pub async fn run(args: RunArgs) -> i32 {
         eprintln!("remora: workload identity: {e}");
         return EXIT_USAGE;
     }
+    // The admin API can drain and reconfigure the proxy: never off the pod.
+    if !args.admin.ip().is_loopback() {
+        eprintln!(
+            "remora: --admin {} is not a loopback address; the admin API is served on localhost only",
+            args.admin
+        );
+        return EXIT_USAGE;
+    }
     let admin = match crate::admin::serve(args.admin, proxy.clone()).await {
         Ok(a) => a,
         Err(e) => {
