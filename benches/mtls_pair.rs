@@ -49,14 +49,23 @@ async fn sidecar(yaml: String, identity: &Path, app: &str, dir: &Path) -> Arc<re
 }
 
 /// Starts a client+server sidecar pair; returns the client's egress port.
-async fn pair(app: std::net::SocketAddr, mtls: bool, certs: &Path, work: &Path) -> (u16, Vec<Arc<remora::runtime::Proxy>>) {
+async fn pair(
+    app: std::net::SocketAddr,
+    mtls: bool,
+    certs: &Path,
+    work: &Path,
+) -> (u16, Vec<Arc<remora::runtime::Proxy>>) {
     let (ingress, egress) = (free_port(), free_port());
     let mode = if mtls { "STRICT" } else { "DISABLE" };
     let server = format!(
         "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: s}}\nspec:\n  ingress:\n  - port: {{number: {ingress}, protocol: HTTP, name: http}}\n    bind: 127.0.0.1\n    defaultEndpoint: 127.0.0.1:{}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default}}\nspec: {{mtls: {{mode: {mode}}}}}\n",
         app.port()
     );
-    let tls = if mtls { "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: server}\nspec:\n  host: server.bench\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n" } else { "" };
+    let tls = if mtls {
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: server}\nspec:\n  host: server.bench\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n"
+    } else {
+        ""
+    };
     let client = format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: server}}\nspec:\n  hosts: [server.bench]\n  resolution: STATIC\n  ports: [{{number: {egress}, name: http, protocol: HTTP}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http: {ingress}}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: c}}\nspec:\n  egress:\n  - port: {{number: {egress}, protocol: HTTP, name: http}}\n    bind: 127.0.0.1\n    hosts: [\"./*\"]\n{tls}"
     );
@@ -83,7 +92,11 @@ async fn load(url: &str, host: &str, conns: usize, secs: u64) -> (f64, Vec<Durat
                     Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
                     Err(_) => false,
                 };
-                if ok { lat.push(t.elapsed()) } else { failed.fetch_add(1, Ordering::Relaxed); }
+                if ok {
+                    lat.push(t.elapsed())
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
             }
             lat
         }));
@@ -113,7 +126,11 @@ fn main() {
         let app = remora::cli::echo::spawn("127.0.0.1:0".parse().unwrap(), "app").await.unwrap();
         let (plain_port, _p) = pair(app, false, &certs, &work).await;
         let (mtls_port, _m) = pair(app, true, &certs, &work).await;
-        let targets = [("direct", format!("http://{app}/")), ("sidecar pair, plaintext", format!("http://127.0.0.1:{plain_port}/")), ("sidecar pair, mTLS", format!("http://127.0.0.1:{mtls_port}/"))];
+        let targets = [
+            ("direct", format!("http://{app}/")),
+            ("sidecar pair, plaintext", format!("http://127.0.0.1:{plain_port}/")),
+            ("sidecar pair, mTLS", format!("http://127.0.0.1:{mtls_port}/")),
+        ];
         for (_, url) in &targets {
             load(url, "server.bench", conns, 1).await; // warm up
         }
@@ -125,17 +142,33 @@ fn main() {
             for (i, (name, url)) in targets.iter().enumerate() {
                 let (r, lat, failed) = load(url, "server.bench", conns, secs).await;
                 let q = |p: f64| lat.get(((lat.len().max(1) - 1) as f64 * p) as usize).copied().unwrap_or_default();
-                println!("{name:<26} {r:>10.0} {:>7.0}µs {:>7.0}µs {failed:>7}", q(0.5).as_micros() as f64, q(0.99).as_micros() as f64);
+                println!(
+                    "{name:<26} {r:>10.0} {:>7.0}µs {:>7.0}µs {failed:>7}",
+                    q(0.5).as_micros() as f64,
+                    q(0.99).as_micros() as f64
+                );
                 rps[i].push(r);
                 p50[i].push(q(0.5));
             }
         }
         println!("\nmedians over rounds (min–max):");
-        let med_rps: Vec<f64> = rps.iter_mut().map(|v| { v.sort_by(|a, b| a.total_cmp(b)); v[v.len() / 2] }).collect();
+        let med_rps: Vec<f64> = rps
+            .iter_mut()
+            .map(|v| {
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            })
+            .collect();
         for (i, (name, _)) in targets.iter().enumerate() {
             let v = &rps[i];
             p50[i].sort();
-            println!("  {name:<24} {:>8.0} req/s ({:.0}–{:.0}), p50 {:.0}µs", med_rps[i], v[0], v[v.len() - 1], p50[i][p50[i].len() / 2].as_micros() as f64);
+            println!(
+                "  {name:<24} {:>8.0} req/s ({:.0}–{:.0}), p50 {:.0}µs",
+                med_rps[i],
+                v[0],
+                v[v.len() - 1],
+                p50[i][p50[i].len() / 2].as_micros() as f64
+            );
         }
         println!("\nmTLS pair / plaintext pair throughput: {:.2}", med_rps[2] / med_rps[1]);
         let _ = std::fs::remove_dir_all(&work);

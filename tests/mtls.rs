@@ -254,7 +254,7 @@ async fn rotation_under_traffic_loses_no_request() {
     let (ingress, egress) = (free_port(), free_port());
     let server_dir = mesh.identity("server", SERVER_ID);
     let server = sidecar(&server_yaml(ingress, app, "STRICT"), Some(&server_dir), "server").await;
-    let _client = sidecar(
+    let client_side = sidecar(
         &client_yaml(egress, ingress, "HTTP", Some(ISTIO_MUTUAL), ""),
         Some(&mesh.identity("client", CLIENT_ID)),
         "client",
@@ -277,12 +277,22 @@ async fn rotation_under_traffic_loses_no_request() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A new certificate (new key, new serial) written in place.
-    mesh.ca.workload(SERVER_ID).write(&server_dir);
+    let rotated = mesh.ca.workload(SERVER_ID);
+    rotated.write(&server_dir);
     wait_until(Duration::from_secs(5), "rotated identity installed", || {
         let (server, first) = (&server, first.clone());
         async move { server.proxy.identity().and_then(|s| s.current()).is_some_and(|i| i.serial != first) }
     })
     .await;
+    // A new handshake is served the rotated certificate.
+    let store = client_side.proxy.identity().unwrap().clone();
+    let cfg = store.client_config(vec![SERVER_ID.into()], "cluster.local".into(), false);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", ingress)).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("server.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
+    let presented = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap();
+    assert_eq!(presented, rotated.der, "new handshakes see the new certificate");
+    drop(tls);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A broken pair is rejected and the rotated identity kept.
     let current = server.proxy.identity().and_then(|s| s.current()).map(|i| i.serial.clone()).unwrap();
