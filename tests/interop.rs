@@ -868,3 +868,89 @@ async fn remora_istio_mutual_reaches_an_envoy_server_sidecar() {
     let (status, body) = get(&c, &format!("http://127.0.0.1:{egress}/"), &[("host", "server.test")]).await;
     assert_eq!(status, 503, "a server with another SPIFFE ID is refused: {body}");
 }
+
+/// curl and `openssl s_client` against an HTTPS gateway: SNI picks the
+/// certificate, MUTUAL wants the client's certificate, ALPN gives h2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_openssl_against_an_https_gateway() {
+    let test = "curl_and_openssl_against_an_https_gateway";
+    let Some(curl) = tool_or_skip(test, "curl", curl()) else { return };
+    let Some(openssl) = tool_or_skip(test, "openssl", openssl()) else { return };
+    let ca = support::certs::Ca::new("gateway ca");
+    let clients = support::certs::Ca::new("client ca");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = ca.server(&["shop.example.com"]);
+    std::fs::write(d.join("srv.crt"), &server.cert_pem).unwrap();
+    std::fs::write(d.join("srv.key"), &server.key_pem).unwrap();
+    std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(d.join("clients.pem"), clients.pem()).unwrap();
+    let client = clients.server(&["buyer.example.com"]);
+    std::fs::write(d.join("client.crt"), &client.cert_pem).unwrap();
+    std::fs::write(d.join("client.key"), &client.key_pem).unwrap();
+    let app = echo("shop").await;
+    let (simple, mutual) = (free_port(), free_port());
+    let path = |n: &str| d.join(n).display().to_string();
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: gw\nspec:\n  servers:\n  - port: {{number: {simple}, name: https, protocol: HTTPS}}\n    bind: 127.0.0.1\n    hosts: [shop.example.com]\n    tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}\n  - port: {{number: {mutual}, name: https-mutual, protocol: HTTPS}}\n    bind: 127.0.0.1\n    hosts: [shop.example.com]\n    tls: {{mode: MUTUAL, serverCertificate: {}, privateKey: {}, caCertificates: {}}}\n---\n{}",
+        service_entry("shop", "shop.test", 80, "HTTP", &[(app, "v1")]),
+        path("srv.crt"),
+        path("srv.key"),
+        path("srv.crt"),
+        path("srv.key"),
+        path("clients.pem"),
+        gateway_vs("vs", "gw", "  - route:\n    - destination:\n        host: shop.test\n")
+    );
+    let _p = TestProxy::start(&yaml).await;
+    let curl_args = |port: u16, extra: &[String]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            "--resolve",
+            &format!("shop.example.com:{port}:127.0.0.1"),
+            "--cacert",
+            &path("ca.pem"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().cloned());
+        a.push(format!("https://shop.example.com:{port}/cart"));
+        a
+    };
+    // SIMPLE: verified by host name, HTTP/2 by ALPN.
+    let out = run(&curl, &curl_args(simple, &[]), None).await;
+    assert_eq!(out.stdout.trim(), "200 2", "{}", out.all());
+    // MUTUAL: without a client certificate the handshake fails; with one it works.
+    let out = run(&curl, &curl_args(mutual, &[]), None).await;
+    assert_ne!(out.code, Some(0), "{}", out.all());
+    let with_cert = ["--cert".to_string(), path("client.crt"), "--key".to_string(), path("client.key")];
+    let out = run(&curl, &curl_args(mutual, &with_cert), None).await;
+    assert_eq!(out.stdout.trim(), "200 2", "{}", out.all());
+    // openssl sees the gateway's certificate for the SNI it sent.
+    let args: Vec<String> = [
+        "s_client",
+        "-connect",
+        &format!("127.0.0.1:{simple}"),
+        "-servername",
+        "shop.example.com",
+        "-CAfile",
+        &path("ca.pem"),
+        "-alpn",
+        "h2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = run(&openssl, &args, Some("")).await;
+    let all = out.all();
+    assert!(all.contains("ALPN protocol: h2"), "{all}");
+    assert!(all.contains("Verify return code: 0 (ok)"), "{all}");
+}
