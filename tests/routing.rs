@@ -667,7 +667,11 @@ async fn upstream_connections_are_pooled() {
     for _ in 0..50 {
         assert_eq!(get(&c, &format!("http://127.0.0.1:{port}/"), &[]).await, (200, "ok".to_string()));
     }
-    assert_eq!(accepted.load(Ordering::Relaxed), 1, "one keep-alive connection for 50 sequential requests");
+    // A connection goes back to the pool from a task that runs once hyper
+    // reports it ready; on a loaded machine the next request can start first
+    // and open a second connection. Reuse must still be the rule.
+    let opened = accepted.load(Ordering::Relaxed);
+    assert!((1..=3).contains(&opened), "{opened} connections for 50 sequential requests");
 }
 
 /// `resolution: DNS` endpoints are resolved in the background.
