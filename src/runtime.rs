@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::compile::{CompileOptions, compile, start_discovery};
-use crate::config::load::load_paths;
+use crate::config::load::{load_paths, load_str};
 use crate::config::{Diagnostic, LoadedSet};
 use crate::proxy::server::{DRAIN_TIMEOUT, Stopping};
 use crate::proxy::{ListenerManager, ProxyState};
@@ -31,6 +31,43 @@ pub struct RunOptions {
     pub compile: CompileOptions,
 }
 
+/// The file name pushed resources are reported under.
+pub const PUSHED_SOURCE: &str = "<pushed>";
+
+/// A pushed resource set (`PUT /config`).
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    pub text: String,
+    /// The pusher's version label (`?version=`), shown beside the hash.
+    pub label: Option<String>,
+    pub set: LoadedSet,
+}
+
+/// Files and the pushed set are separate layers: their resources add up, and
+/// a resource (kind, namespace, name) defined in both is an error.
+pub fn merge_layers(mut files: LoadedSet, pushed: Option<&LoadedSet>) -> LoadedSet {
+    let Some(p) = pushed else { return files };
+    for r in &p.resources {
+        if let Some(f) =
+            files.resources.iter().find(|f| f.kind == r.kind && f.namespace == r.namespace && f.name == r.name)
+        {
+            files.diagnostics.push(r.error(
+                "metadata.name",
+                format!(
+                    "{} is defined both in the files ({}:{}) and in the pushed set; a resource lives in one layer",
+                    r.display_name(),
+                    f.source.file.display(),
+                    f.source.line
+                ),
+            ));
+        }
+    }
+    files.resources.extend(p.resources.iter().cloned());
+    files.files.extend(p.files.iter().cloned());
+    files.diagnostics.extend(p.diagnostics.iter().cloned());
+    files
+}
+
 /// A rejected config set, kept for `/config_dump`.
 #[derive(Debug, Clone)]
 pub struct Rejection {
@@ -43,6 +80,7 @@ pub struct Rejection {
 struct Status {
     last_rejection: Option<Rejection>,
     applied_at: Option<SystemTime>,
+    push_label: Option<String>,
 }
 
 /// What one apply did.
@@ -101,6 +139,11 @@ pub struct Proxy {
     drain_timeout_ms: AtomicU64,
     /// Set by `/quitquitquit`: `remora run` drains and exits.
     exit: watch::Sender<bool>,
+    /// The pushed layer (`PUT /config`), applied on top of the files.
+    pushed: Mutex<Option<Pushed>>,
+    /// Serialises "read the sources, apply, remember the push" so a file
+    /// reload never applies a stale pushed layer.
+    sources: tokio::sync::Mutex<()>,
     /// The workload identity (`--identity-dir`), and its file watcher.
     identity: Option<Arc<crate::tls::IdentityStore>>,
     identity_watch: Mutex<Option<notify::RecommendedWatcher>>,
@@ -126,6 +169,8 @@ impl Proxy {
             registry,
             identity,
             identity_watch: Mutex::new(None),
+            pushed: Mutex::new(None),
+            sources: tokio::sync::Mutex::new(()),
             opts,
             status: Mutex::new(Status::default()),
             ready: AtomicBool::new(false),
@@ -205,19 +250,64 @@ impl Proxy {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).applied_at
     }
 
-    /// Re-reads the config paths and applies them if they changed.
-    pub async fn reload_from_files(&self) -> ApplyOutcome {
+    /// The pushed resource set, as last accepted (`GET /config`).
+    pub fn pushed(&self) -> Option<Pushed> {
+        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the pushed layer with `text` (YAML; empty clears it) and
+    /// applies files + push all-or-nothing. The push is kept only if the
+    /// combined set is applied.
+    pub async fn push(&self, text: &str, label: Option<String>) -> ApplyOutcome {
+        let _sources = self.sources.lock().await;
+        let layer = if text.trim().is_empty() {
+            None
+        } else {
+            let set = load_str(std::path::Path::new(PUSHED_SOURCE), text, &self.opts.compile.namespace);
+            Some(Pushed { text: text.to_string(), label, set })
+        };
+        let files = match self.load_files().await {
+            Ok(set) => set,
+            Err(outcome) => return outcome,
+        };
+        let outcome = self.apply(merge_layers(files, layer.as_ref().map(|p| &p.set))).await;
+        if matches!(outcome, ApplyOutcome::Applied { .. } | ApplyOutcome::Unchanged { .. }) {
+            let label = layer.as_ref().and_then(|p| p.label.clone());
+            tracing::info!(
+                label = label.as_deref().unwrap_or("-"),
+                resources = layer.as_ref().map_or(0, |p| p.set.resources.len()),
+                "pushed config accepted"
+            );
+            *self.pushed.lock().unwrap_or_else(|p| p.into_inner()) = layer;
+            self.status.lock().unwrap_or_else(|p| p.into_inner()).push_label = label;
+        }
+        outcome
+    }
+
+    async fn load_files(&self) -> Result<LoadedSet, ApplyOutcome> {
         let paths = self.opts.config_paths.clone();
         let ns = self.opts.compile.namespace.clone();
-        // File reads happen on the blocking pool, never on a worker thread.
-        let set = match tokio::task::spawn_blocking(move || load_paths(&paths, &ns)).await {
+        tokio::task::spawn_blocking(move || load_paths(&paths, &ns)).await.map_err(|e| {
+            let d = Diagnostic::global(crate::config::Severity::Error, format!("config loader failed: {e}"));
+            self.reject(String::new(), vec![d])
+        })
+    }
+
+    /// The label the pusher gave the active pushed set, if any.
+    pub fn push_label(&self) -> Option<String> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).push_label.clone()
+    }
+
+    /// Re-reads the config paths and applies them (with the pushed layer) if
+    /// they changed.
+    pub async fn reload_from_files(&self) -> ApplyOutcome {
+        let _sources = self.sources.lock().await;
+        let files = match self.load_files().await {
             Ok(set) => set,
-            Err(e) => {
-                let d = Diagnostic::global(crate::config::Severity::Error, format!("config loader failed: {e}"));
-                return self.reject(String::new(), vec![d]);
-            }
+            Err(outcome) => return outcome,
         };
-        self.apply(set).await
+        let pushed = self.pushed();
+        self.apply(merge_layers(files, pushed.as_ref().map(|p| &p.set))).await
     }
 
     /// Applies a loaded set all-or-nothing.

@@ -168,7 +168,7 @@ async fn failing_endpoint_is_ejected_and_returns() {
     let good1 = scripted(|_| Reply::Status(200, Duration::ZERO)).await;
     let good2 = scripted(|_| Reply::Status(200, Duration::ZERO)).await;
     let bad = scripted(|_| Reply::Status(500, Duration::ZERO)).await;
-    let policy = "loadBalancer:\n  simple: ROUND_ROBIN\noutlierDetection:\n  consecutive5xxErrors: 2\n  interval: 50ms\n  baseEjectionTime: 1s\n  maxEjectionPercent: 34";
+    let policy = "loadBalancer:\n  simple: ROUND_ROBIN\noutlierDetection:\n  consecutive5xxErrors: 2\n  interval: 300ms\n  baseEjectionTime: 1s\n  maxEjectionPercent: 34";
     let (yaml, port) = one_service(
         "svc",
         &[(good1.addr, "a"), (good2.addr, "b"), (bad.addr, "c")],
@@ -208,7 +208,8 @@ async fn failing_endpoint_is_ejected_and_returns() {
     .await;
     let back_after = ejected_at.elapsed();
     assert!(back_after >= Duration::from_secs(1), "not before the ejection time: {back_after:?}");
-    // Two more failures re-eject it, now for 2 × base.
+    // Two more failures re-eject it, now for 2 × base (the interval is long
+    // enough that the backoff has not decayed in between).
     for _ in 0..9 {
         get(&c, &url, &[]).await;
     }

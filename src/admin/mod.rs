@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::body::{self, Body};
-use crate::runtime::{Proxy, Readiness};
+use crate::runtime::{ApplyOutcome, Proxy, Readiness};
 use crate::telemetry::{self, LogFilterError};
 use crate::upstream::Cluster;
 
@@ -44,6 +44,7 @@ enum Role {
 const GET: &[Method] = &[Method::GET, Method::HEAD];
 const GET_POST: &[Method] = &[Method::GET, Method::HEAD, Method::POST];
 const POST: &[Method] = &[Method::POST];
+const GET_PUT_DELETE: &[Method] = &[Method::GET, Method::HEAD, Method::PUT, Method::DELETE];
 
 /// The methods `path` answers on a server with `role`; `None` for paths it
 /// does not serve (404).
@@ -54,6 +55,7 @@ fn allowed(role: Role, path: &str) -> Option<&'static [Method]> {
         (Role::Admin, "/ready" | "/live" | "/config_dump" | "/clusters") => Some(GET),
         (Role::Admin, "/logging") => Some(GET_POST),
         (Role::Admin, "/drain" | "/quitquitquit") => Some(POST),
+        (Role::Admin, "/config") => Some(GET_PUT_DELETE),
         (Role::Admin, _) => None,
     }
 }
@@ -175,6 +177,12 @@ fn method_not_allowed(methods: &[Method]) -> Response<Body> {
 }
 
 async fn handle(role: Role, proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    if role == Role::Admin && path == "/config" && (method == Method::PUT || method == Method::DELETE) {
+        let resp = push(proxy, req).await;
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), "admin request");
+        return resp;
+    }
     let resp = route(role, proxy, &req).await;
     tracing::debug!(method = %req.method(), path = req.uri().path(), status = resp.status().as_u16(), "admin request");
     resp
@@ -193,6 +201,14 @@ async fn route(role: Role, proxy: &Proxy, req: &Request<Incoming>) -> Response<B
         "/live" => text(StatusCode::OK, "live\n"),
         "/config_dump" => json_response(&config_dump(proxy)),
         "/clusters" => json_response(&clusters(proxy)),
+        "/config" => match proxy.pushed() {
+            Some(p) => {
+                let mut r = text(StatusCode::OK, p.text);
+                r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "nothing pushed\n"),
+        },
         "/logging" if req.method() == Method::POST => set_logging(req.uri().query()),
         "/logging" => show_logging(),
         "/drain" => {
@@ -217,6 +233,54 @@ async fn route(role: Role, proxy: &Proxy, req: &Request<Incoming>) -> Response<B
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Largest pushed config accepted, as for config files.
+const MAX_PUSH_BYTES: usize = 16 * 1024 * 1024;
+
+/// `PUT /config`: replaces the pushed layer (YAML body; `?version=LABEL`
+/// names it); `DELETE /config` removes it. 200 with the applied version, or
+/// 400 with every error.
+async fn push(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let label = crate::route::matcher::query_value(req.uri().query(), "version");
+    let delete = req.method() == Method::DELETE;
+    let body = http_body_util::Limited::new(req.into_body(), MAX_PUSH_BYTES);
+    let text = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the body: {e}\n")),
+    };
+    let text = if delete { String::new() } else { String::from_utf8_lossy(&text).into_owned() };
+    if !delete && text.trim().is_empty() {
+        return text_response_bad("an empty body; use DELETE /config to remove the pushed set");
+    }
+    match proxy.push(&text, label.clone()).await {
+        ApplyOutcome::Applied { version, warnings } => {
+            json_response(&json!({"result": "applied", "version": version, "label": label, "warnings": warnings}))
+        }
+        ApplyOutcome::Unchanged { version } => {
+            json_response(&json!({"result": "unchanged", "version": version, "label": label}))
+        }
+        ApplyOutcome::Rejected { errors } => {
+            let mut r = json_response(&json!({
+                "result": "rejected",
+                "errors": errors.iter().map(|e| json!({
+                    "file": e.file.as_ref().map(|f| f.display().to_string()),
+                    "line": e.line,
+                    "resource": e.resource,
+                    "path": e.path,
+                    "message": e.message,
+                    "text": e.to_string(),
+                })).collect::<Vec<_>>(),
+            }));
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            r
+        }
+    }
+}
+
+fn text_response_bad(msg: &str) -> Response<Body> {
+    text(StatusCode::BAD_REQUEST, format!("{msg}\n"))
 }
 
 fn ready(proxy: &Proxy) -> Response<Body> {
@@ -281,6 +345,11 @@ pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
         "applied_at_unix": unix_secs(proxy.applied_at()),
         "last_rejection": rejection,
         "config_paths": proxy.options().config_paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "pushed": proxy.pushed().map(|p| json!({
+            "label": p.label,
+            "resources": p.set.resources.len(),
+            "hash": p.set.files.first().map(|f| f.hash.clone()),
+        })),
         "identity": identity,
     })
 }

@@ -95,7 +95,8 @@ pub fn render(proxy: &Proxy) -> String {
     );
     let snap = proxy.snapshot();
     family(&mut out, "remora_config_active_info", "gauge", "The active config version.");
-    let _ = writeln!(out, "remora_config_active_info{{version=\"{}\"}} 1", snap.version);
+    let label = proxy.push_label().unwrap_or_default().replace('\\', "\\\\").replace('"', "\\\"");
+    let _ = writeln!(out, "remora_config_active_info{{version=\"{}\",push_label=\"{label}\"}} 1", snap.version);
     if let Some(at) = proxy.applied_at().and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
         family(
             &mut out,
