@@ -181,6 +181,9 @@ fn metrics_render(c: &mut Criterion) {
             )
         })
     });
+    let mut sample = String::new();
+    m.render(&mut sample);
+    eprintln!("render_1000_series: {} lines, {} bytes per render", sample.lines().count(), sample.len());
     let mut g = c.benchmark_group("metrics");
     g.sample_size(20);
     g.bench_function("render_1000_series", |b| {
