@@ -85,7 +85,7 @@ fn run_exits_64_on_an_invalid_first_config_or_bad_flags() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_binary_becomes_ready() {
     let v1 = echo("v1").await;
-    let (port, admin) = (free_port(), free_port());
+    let (port, admin, health) = (free_port(), free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
         "{}{}{}",
@@ -103,7 +103,7 @@ async fn run_binary_becomes_ready() {
                 "--metrics",
                 &format!("127.0.0.1:{}", free_port()),
                 "--health",
-                &format!("127.0.0.1:{}", free_port()),
+                &format!("127.0.0.1:{health}"),
                 "--concurrency",
                 "1",
                 "--log-format",
@@ -116,16 +116,35 @@ async fn run_binary_becomes_ready() {
             .spawn()
             .unwrap(),
     );
-    let c = client();
-    wait_until(Duration::from_secs(10), "/ready", || {
-        let c = c.clone();
-        async move {
-            c.get(format!("http://127.0.0.1:{admin}/ready")).send().await.map(|r| r.status() == 200).unwrap_or(false)
-        }
+    // `remora wait` on the health port returns once the proxy is ready, as a
+    // postStart hook would; traffic flows from that moment on.
+    let url = format!("http://127.0.0.1:{health}/healthz/ready");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN).args(["wait", "--url", &url, "--timeout", "10s", "--period", "50ms"]).output().unwrap()
     })
-    .await;
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is ready"));
+    let c = client();
+    let ready = c.get(format!("http://127.0.0.1:{admin}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
     let (status, body) = get(&c, &format!("http://127.0.0.1:{port}/"), &[]).await;
     assert_eq!((status, version_of(&body).as_str()), (200, "v1"));
+}
+
+#[test]
+fn wait_gives_up_with_a_reason() {
+    // Nothing listens on this port: the wait ends at its timeout, exit 1,
+    // and says what the last attempt saw.
+    let url = format!("http://127.0.0.1:{}/healthz/ready", free_port());
+    let out =
+        Command::new(BIN).args(["wait", "--url", &url, "--timeout", "300ms", "--period", "50ms"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not ready after") && err.contains("connect"), "{err}");
+    let out = Command::new(BIN).args(["wait", "--url", "https://127.0.0.1:1/"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

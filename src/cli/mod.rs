@@ -1,8 +1,9 @@
-//! Command-line interface: `run`, `validate`, `split`, `demo`.
+//! Command-line interface: `run`, `validate`, `split`, `demo`, `wait`.
 
 pub mod demo;
 pub mod echo;
 pub mod split;
+pub mod wait;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -50,6 +51,8 @@ pub enum Command {
     Split(split::SplitArgs),
     /// Start two echo backends and the proxy on the demo config, and print what to curl.
     Demo(demo::DemoArgs),
+    /// Wait until a proxy answers ready (for a `postStart` hook); exit 1 on timeout.
+    Wait(wait::WaitArgs),
 }
 
 /// Flags that decide how a config is judged; shared by `run` and `validate`.
@@ -182,6 +185,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
         }
         Command::Split(args) => split::main(args),
         Command::Demo(args) => demo::main(args),
+        Command::Wait(args) => wait::main(args),
     }
 }
 
