@@ -4,11 +4,24 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The manifest declares the benchmarks; cargo needs their sources to load it.
+COPY benches ./benches
 COPY config ./config
 RUN cargo build --release --locked --bin remora \
  && strip target/release/remora
 
-# Runtime stage: glibc and CA certificates only, no shell.
+# Init-container image (`docker build --target init`): the same binary with
+# iptables (iptables-restore, nf_tables backend) for `remora iptables`, which
+# installs the pod's capture rules. Runs as root with NET_ADMIN and NET_RAW.
+FROM debian:bookworm-slim AS init
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/remora /usr/local/bin/remora
+ENTRYPOINT ["/usr/local/bin/remora"]
+CMD ["iptables"]
+
+# Runtime stage (the default): glibc and CA certificates only, no shell.
 FROM gcr.io/distroless/cc-debian12
 COPY --from=build /src/target/release/remora /usr/local/bin/remora
 COPY config /etc/remora/examples
