@@ -540,9 +540,19 @@ impl IpBlock {
         Ok(IpBlock { net: mask(addr, prefix), prefix })
     }
 
+    pub fn is_ipv4(&self) -> bool {
+        self.net.is_ipv4()
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         ip.is_ipv4() == self.net.is_ipv4() && mask(ip, self.prefix) == self.net
+    }
+}
+
+impl std::fmt::Display for IpBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
     }
 }
 

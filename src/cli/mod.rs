@@ -1,7 +1,8 @@
-//! Command-line interface: `run`, `validate`, `split`, `demo`, `wait`.
+//! Command-line interface: `run`, `validate`, `split`, `demo`, `wait`, `iptables`.
 
 pub mod demo;
 pub mod echo;
+pub mod iptables;
 pub mod split;
 pub mod wait;
 
@@ -53,6 +54,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Wait until a proxy answers ready (for a `postStart` hook); exit 1 on timeout.
     Wait(wait::WaitArgs),
+    /// Install (or print, or remove) the pod's traffic-capture rules; run by the init container.
+    Iptables(iptables::IptablesArgs),
 }
 
 /// Flags that decide how a config is judged; shared by `run` and `validate`.
@@ -186,6 +189,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
         Command::Split(args) => split::main(args),
         Command::Demo(args) => demo::main(args),
         Command::Wait(args) => wait::main(args),
+        Command::Iptables(args) => iptables::main(args),
     }
 }
 
