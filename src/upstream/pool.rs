@@ -13,7 +13,8 @@
 //! straight to a waiting request) once hyper reports them ready again. HTTP/2
 //! connections carry up to `maxConcurrentStreams` requests each. A connection
 //! is retired after `maxRequestsPerConnection` requests or once older than
-//! `maxConnectionDuration`, and closed after `idleTimeout` unused.
+//! `maxConnectionDuration`, and closed by a timer once unused for `idleTimeout`
+//! (HTTP/1.1 and HTTP/2 alike), as Envoy does.
 //!
 //! Every slot (connection reservation, stream, pending place) is released by a
 //! `Drop` impl, so a cancelled request never leaks capacity. No lock is held
@@ -364,6 +365,8 @@ struct H2Conn {
     streams: usize,
     /// No new streams (max requests or age reached); closes when drained.
     retired: bool,
+    /// When the last stream ended, while none is open.
+    idle_since: Option<Instant>,
 }
 
 /// Capacity handed to one request.
@@ -388,6 +391,25 @@ struct PoolInner {
     open: usize,
     /// HTTP/2 connections being opened.
     h2_connecting: usize,
+    /// A task is set to close connections when their idle timeout ends.
+    reaper_armed: bool,
+}
+
+impl PoolInner {
+    /// When the next idle connection reaches its idle timeout.
+    fn next_idle_expiry(&self, ttl: Duration) -> Option<Instant> {
+        let h1 = self.idle.iter().map(|c| c.since);
+        let h2 = self.h2.iter().filter(|c| c.streams == 0).filter_map(|c| c.idle_since);
+        h1.chain(h2).min().map(|t| t + ttl)
+    }
+
+    /// Drops (so closes) the connections idle for `ttl` or more; returns how many.
+    fn reap(&mut self, now: Instant, ttl: Duration) -> usize {
+        let before = self.idle.len() + self.h2.len();
+        self.idle.retain(|c| now.duration_since(c.since) < ttl);
+        self.h2.retain(|c| c.streams > 0 || c.idle_since.is_none_or(|t| now.duration_since(t) < ttl));
+        before - (self.idle.len() + self.h2.len())
+    }
 }
 
 /// Runtime state of one endpoint of one cluster.
@@ -616,8 +638,14 @@ impl EndpointState {
                 bump(&self.shared.stats.upstream_cx_max_duration_reached);
                 continue;
             }
+            if c.streams == 0 && c.idle_since.is_some_and(|t| now.duration_since(t) >= s.idle_timeout) {
+                c.retired = true;
+                bump(&self.shared.stats.upstream_cx_idle_timeout);
+                continue;
+            }
             if c.streams < s.max_concurrent_streams {
                 c.streams += 1;
+                c.idle_since = None;
                 c.meta.requests += 1;
                 if s.max_requests_per_connection > 0 && c.meta.requests >= s.max_requests_per_connection {
                     c.retired = true;
@@ -705,10 +733,14 @@ impl EndpointState {
             let mut inner = self.lock();
             if let Some(c) = inner.h2.iter_mut().find(|c| c.meta.id == conn) {
                 c.streams = c.streams.saturating_sub(1);
+                if c.streams == 0 {
+                    c.idle_since = Some(Instant::now());
+                }
             }
             // A retired connection with no streams left is dropped, which
             // closes it; its task then frees the slot.
             inner.h2.retain(|c| !(c.retired && c.streams == 0));
+            self.arm_reaper(&mut inner);
         }
         self.serve_waiters();
     }
@@ -765,7 +797,7 @@ impl EndpointState {
                 {
                     let mut inner = self.lock();
                     inner.h2_connecting = inner.h2_connecting.saturating_sub(1);
-                    inner.h2.push(H2Conn { tx: tx.clone(), meta, streams: 1, retired });
+                    inner.h2.push(H2Conn { tx: tx.clone(), meta, streams: 1, retired, idle_since: None });
                 }
                 let guard = StreamGuard { ep: self.clone(), conn: id };
                 // Requests that waited for this connection get their streams.
@@ -831,6 +863,40 @@ impl EndpointState {
             inner.idle.retain(|c| now.duration_since(c.since) < ttl);
             if inner.idle.len() < MAX_IDLE_PER_ENDPOINT {
                 inner.idle.push(IdleConn { tx, since: now, meta });
+            }
+            this.arm_reaper(&mut inner);
+        });
+    }
+
+    /// Makes sure a task closes idle connections when their idle timeout
+    /// ends (Envoy's `idle_timeout`), so an unused connection does not stay
+    /// open, holding a place under `maxConnections`, until the upstream
+    /// closes it. One task per endpoint, re-armed for the next expiry.
+    fn arm_reaper(self: &Arc<Self>, inner: &mut PoolInner) {
+        let ttl = self.shared.settings.idle_timeout;
+        if inner.reaper_armed {
+            return;
+        }
+        let Some(mut at) = inner.next_idle_expiry(ttl) else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        inner.reaper_armed = true;
+        let weak: Weak<EndpointState> = Arc::downgrade(self);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep_until(at).await;
+                let Some(this) = weak.upgrade() else { return };
+                let mut inner = this.lock();
+                let closed = inner.reap(Instant::now(), ttl);
+                for _ in 0..closed {
+                    bump(&this.shared.stats.upstream_cx_idle_timeout);
+                }
+                match inner.next_idle_expiry(ttl) {
+                    Some(next) => at = next,
+                    None => {
+                        inner.reaper_armed = false;
+                        return;
+                    }
+                }
             }
         });
     }
@@ -996,7 +1062,12 @@ mod tests {
             settle().await;
         }
         assert_eq!(up.connects.load(Ordering::SeqCst), 1, "one keep-alive connection");
-        tokio::time::advance(Duration::from_secs(5)).await;
+        tokio::time::advance(Duration::from_secs(3)).await;
+        settle().await;
+        assert_eq!(ep.connections(), 1, "not idle long enough to close");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(ep.connections(), 0, "closed at its idle timeout, with no request to notice");
         finish(ep.send(get_h1()).await.ok().unwrap()).await;
         assert_eq!(up.connects.load(Ordering::SeqCst), 2, "an idle connection past its timeout is not reused");
         assert_eq!(ep.shared.stats.upstream_cx_idle_timeout.load(Ordering::SeqCst), 1);
@@ -1077,6 +1148,32 @@ mod tests {
             finish(t.await.unwrap().ok().unwrap()).await;
         }
         assert_eq!(up.requests.load(Ordering::SeqCst), 3);
+    }
+
+    /// An HTTP/2 connection closes once it has had no stream for the idle
+    /// timeout; a stream in between restarts the clock.
+    #[tokio::test(start_paused = true)]
+    async fn h2_idle_timeout_closes_unused_connections() {
+        let up = MemUpstream::new(true);
+        up.gate.add_permits(100);
+        let settings =
+            PoolSettings { protocol: Protocol::Http2, idle_timeout: Duration::from_secs(4), ..Default::default() };
+        let ep = endpoint(settings, &up);
+        finish(ep.send(get()).await.ok().unwrap()).await;
+        settle().await;
+        tokio::time::advance(Duration::from_secs(3)).await;
+        finish(ep.send(get()).await.ok().unwrap()).await;
+        settle().await;
+        tokio::time::advance(Duration::from_secs(3)).await;
+        settle().await;
+        assert_eq!(ep.connections(), 1, "the second stream restarted the idle clock");
+        assert_eq!(up.connects.load(Ordering::SeqCst), 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(ep.connections(), 0, "closed after 4 s without a stream");
+        assert_eq!(ep.shared.stats.upstream_cx_idle_timeout.load(Ordering::SeqCst), 1);
+        finish(ep.send(get()).await.ok().unwrap()).await;
+        assert_eq!(up.connects.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]
