@@ -151,8 +151,9 @@ async fn strict_refuses_plaintext_untrusted_and_expired_clients() {
     w.write(&rogue_dir);
     let egress = free_port();
     let _c1 = sidecar(&client_yaml(egress, ingress, "HTTP", Some(ISTIO_MUTUAL), ""), Some(&rogue_dir), "client").await;
-    let (status, _) = get(&client(), &format!("http://127.0.0.1:{egress}/"), &[("host", "server.test")]).await;
+    let (status, body) = get(&client(), &format!("http://127.0.0.1:{egress}/"), &[("host", "server.test")]).await;
     assert_eq!(status, 503, "an untrusted client certificate fails the handshake");
+    assert!(body.contains("transport failure reason: TLS error"), "{body}");
     // An expired client certificate from the right CA.
     let expired_dir = mesh.dir.path().join("expired");
     let mut w = mesh.ca.expired_workload(CLIENT_ID);
@@ -221,8 +222,13 @@ async fn the_server_identity_is_verified() {
         "client",
     )
     .await;
-    let (status, _) = get(&client(), &format!("http://127.0.0.1:{egress}/"), &[("host", "server.test")]).await;
+    let (status, body) = get(&client(), &format!("http://127.0.0.1:{egress}/"), &[("host", "server.test")]).await;
     assert_eq!(status, 503, "a server with the wrong SPIFFE ID is refused");
+    // The reply says why, as Envoy's "transport failure reason" does.
+    assert!(
+        body.contains("transport failure reason: TLS error") && body.contains(SERVER_ID),
+        "the reason names the TLS failure and the peer's identity: {body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,12 @@ pub enum ProxyError {
     NoHealthyUpstream,
     #[error("upstream connect error or disconnect/reset before headers. reset reason: connection failure")]
     ConnectFailure,
+    /// A connect failure with its cause (a refused connection, a TLS
+    /// verification error), as Envoy's "transport failure reason".
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {0}"
+    )]
+    TransportFailure(String),
     #[error("upstream connect error or disconnect/reset before headers. reset reason: connection termination")]
     ConnectionTermination,
     #[error("upstream request timeout")]
@@ -45,7 +51,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "NR",
             ProxyError::NoHealthyUpstream => "UH",
-            ProxyError::ConnectFailure => "UF",
+            ProxyError::ConnectFailure | ProxyError::TransportFailure(_) => "UF",
             ProxyError::ConnectionTermination => "UC",
             ProxyError::Timeout => "UT",
             ProxyError::BlackHole => "NR",
@@ -69,9 +75,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoHealthyUpstream | ProxyError::ConnectFailure | ProxyError::ConnectionTermination => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoHealthyUpstream
+            | ProxyError::ConnectFailure
+            | ProxyError::TransportFailure(_)
+            | ProxyError::ConnectionTermination => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BlackHole | ProxyError::UpstreamProtocol | ProxyError::PassthroughLoop => {
                 StatusCode::BAD_GATEWAY

@@ -942,7 +942,10 @@ impl Exchange<'_> {
 /// and as the error answered if it is final.
 fn classify(e: &UpstreamError, handed_back: bool) -> (Attempt<'static>, Outcome, ProxyError) {
     match e {
-        UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_) | UpstreamError::Handshake(_) => {
+        UpstreamError::Connect(io) => {
+            (Attempt::ConnectFailure, Outcome::ConnectFailure, ProxyError::TransportFailure(transport_reason(io)))
+        }
+        UpstreamError::ConnectTimeout(_) | UpstreamError::Handshake(_) => {
             (Attempt::ConnectFailure, Outcome::ConnectFailure, ProxyError::ConnectFailure)
         }
         _ if handed_back => (Attempt::ResetBeforeRequest, Outcome::Reset, ProxyError::ConnectionTermination),
@@ -951,6 +954,16 @@ fn classify(e: &UpstreamError, handed_back: bool) -> (Attempt<'static>, Outcome,
             (Attempt::Reset, Outcome::Reset, ProxyError::UpstreamProtocol)
         }
         _ => (Attempt::Reset, Outcome::Reset, ProxyError::ConnectionTermination),
+    }
+}
+
+/// Why a connection could not be made, for the local reply: the TLS error
+/// when the handshake failed (an untrusted or unexpected peer certificate),
+/// else the socket error.
+fn transport_reason(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(tls) => format!("TLS error: {tls}"),
+        None => e.to_string(),
     }
 }
 
