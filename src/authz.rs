@@ -149,6 +149,19 @@ pub struct Policies {
     allow: Vec<CompiledPolicy>,
     deny: Vec<CompiledPolicy>,
     audit: Vec<CompiledPolicy>,
+    /// `istio.io/dry-run` ALLOW and DENY policies: evaluated on their own,
+    /// logged, never enforced (Istio's shadow rules).
+    shadow_allow: Vec<CompiledPolicy>,
+    shadow_deny: Vec<CompiledPolicy>,
+}
+
+/// Go's `strconv.ParseBool`, which Istio uses for `istio.io/dry-run`.
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
 }
 
 impl Policies {
@@ -164,7 +177,7 @@ impl Policies {
 
     /// The number of policies that apply.
     pub fn len(&self) -> usize {
-        self.allow.len() + self.deny.len() + self.audit.len()
+        self.allow.len() + self.deny.len() + self.audit.len() + self.shadow_allow.len() + self.shadow_deny.len()
     }
 
     /// Compiles the AuthorizationPolicies that apply to this workload: those in
@@ -197,6 +210,14 @@ impl Policies {
                 Ok(Action::Deny | Action::Custom) | Err(_) => Action::Deny,
             };
             let policy = CompiledPolicy::new(r, ap, action);
+            let dry_run = r.meta.annotations.get(DRY_RUN_ANNOTATION).and_then(|v| parse_bool(v)) == Some(true);
+            if dry_run && action != Action::Audit {
+                match action {
+                    Action::Allow => out.shadow_allow.push(policy),
+                    _ => out.shadow_deny.push(policy),
+                }
+                continue;
+            }
             match action {
                 Action::Allow => out.allow.push(policy),
                 Action::Audit => out.audit.push(policy),
@@ -226,6 +247,19 @@ impl Policies {
                 );
             }
         }
+        let (shadow_deny, shadow_allow) = self.shadow_with(&cx);
+        for (kind, decision) in [("DENY", shadow_deny), ("ALLOW", shadow_allow)] {
+            if let Some(Decision::Deny { policy }) = decision {
+                tracing::info!(
+                    policy = %policy,
+                    source = %req.source_ip,
+                    principal = req.principal.unwrap_or(""),
+                    method = req.http.map_or("", |h| h.method),
+                    path = req.http.map_or("", |h| h.path),
+                    "dry-run {kind} authorization policies would deny this request (not enforced)"
+                );
+            }
+        }
         if let Some(p) = self.deny.iter().find(|p| p.matches(&cx, Action::Deny)) {
             return Decision::Deny { policy: p.id.clone() };
         }
@@ -234,6 +268,32 @@ impl Policies {
         } else {
             Decision::Deny { policy: String::new() }
         }
+    }
+}
+
+impl Policies {
+    /// What the dry-run policies would decide, DENY ones and ALLOW ones
+    /// separately as Istio's two shadow engines do; `None` where there are
+    /// no dry-run policies of that action.
+    pub fn shadow(&self, req: &Request<'_>) -> (Option<Decision>, Option<Decision>) {
+        self.shadow_with(&Ctx::new(req))
+    }
+
+    fn shadow_with(&self, cx: &Ctx<'_, '_>) -> (Option<Decision>, Option<Decision>) {
+        let deny = (!self.shadow_deny.is_empty()).then(|| {
+            match self.shadow_deny.iter().find(|p| p.matches(cx, Action::Deny)) {
+                Some(p) => Decision::Deny { policy: p.id.clone() },
+                None => Decision::Allow,
+            }
+        });
+        let allow = (!self.shadow_allow.is_empty()).then(|| {
+            if self.shadow_allow.iter().any(|p| p.matches(cx, Action::Allow)) {
+                Decision::Allow
+            } else {
+                Decision::Deny { policy: String::new() }
+            }
+        });
+        (deny, allow)
     }
 }
 
@@ -1799,5 +1859,53 @@ mod tests {
         for bad in ["0", "65536", "+80", "http", "", " 80"] {
             assert!(parse_port(bad).is_err(), "{bad}");
         }
+    }
+
+    /// `istio.io/dry-run` policies are evaluated on their own and never
+    /// enforced: a dry-run DENY does not deny, a dry-run ALLOW does not turn
+    /// the workload into deny-by-default.
+    #[test]
+    fn dry_run_policies_are_shadowed_not_enforced() {
+        let dry = |name: &str, spec: &str| {
+            policy(name, spec).replace(
+                &format!("metadata: {{name: {name}}}"),
+                &format!("metadata: {{name: {name}, annotations: {{istio.io/dry-run: \"true\"}}}}"),
+            )
+        };
+        let p = compile(
+            &(dry(
+                "no-post",
+                "  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST], ports: [\"8080\"]}",
+            ) + &dry(
+                "only-sleep",
+                "  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/other\"]}",
+            )),
+        );
+        assert_eq!(p.len(), 2);
+        let post = get("/").method("POST");
+        assert_eq!(post.check(&p), Decision::Allow, "dry-run policies never deny");
+        let attrs = |t: &T| (t.method.clone(), t.path.clone());
+        let (m, path) = attrs(&post);
+        let req = Request {
+            principal: post.principal.as_deref(),
+            source_ip: post.ip,
+            destination_port: post.port,
+            http: Some(HttpAttrs { method: &m, host: &post.host, path: &path, headers: &post.headers }),
+        };
+        let (deny, allow) = p.shadow(&req);
+        assert_eq!(deny, Some(Decision::Deny { policy: "default/no-post".into() }));
+        assert_eq!(allow, Some(Decision::Deny { policy: String::new() }), "sleep is not the allowed principal");
+        // An enforced policy next to them still decides.
+        let enforced = compile(
+            &(dry(
+                "no-post",
+                "  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST], ports: [\"8080\"]}",
+            ) + &policy(
+                "deny-get",
+                "  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [GET], ports: [\"8080\"]}",
+            )),
+        );
+        assert!(!get("/").check(&enforced).is_allow());
+        assert!(get("/").method("POST").check(&enforced).is_allow());
     }
 }

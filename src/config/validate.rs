@@ -1659,28 +1659,16 @@ impl Validator<'_> {
         }
     }
 
-    /// `istio.io/dry-run`: parsed as Istio does, but not implemented.
+    /// `istio.io/dry-run`: a boolean, on ALLOW and DENY policies only.
     fn dry_run(&mut self, action: Option<authz::Action>) {
         let Some(value) = self.r.meta.annotations.get(authz::DRY_RUN_ANNOTATION) else { return };
         let path = field_path("metadata.annotations", authz::DRY_RUN_ANNOTATION);
-        // Go's strconv.ParseBool, which Istio uses.
-        let dry = match value.as_str() {
-            "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
-            "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
-            other => {
-                self.err(path, format!("`{other}` is not a boolean"));
-                return;
-            }
-        };
-        match action {
-            Some(authz::Action::Allow | authz::Action::Deny) if dry => self.warn(
-                path,
-                format!("`{}` is not supported by remora; the policy is enforced", authz::DRY_RUN_ANNOTATION),
-            ),
-            Some(authz::Action::Audit | authz::Action::Custom) => {
-                self.err(path, format!("`{}` is only defined for ALLOW and DENY policies", authz::DRY_RUN_ANNOTATION))
-            }
-            _ => {}
+        if authz::parse_bool(value).is_none() {
+            self.err(path, format!("`{value}` is not a boolean"));
+            return;
+        }
+        if let Some(authz::Action::Audit | authz::Action::Custom) = action {
+            self.err(path, format!("`{}` is only defined for ALLOW and DENY policies", authz::DRY_RUN_ANNOTATION))
         }
     }
 
@@ -2569,7 +2557,6 @@ mod tests {
         assert_eq!(
             w,
             [
-                "metadata.annotations[\"istio.io/dry-run\"]: `istio.io/dry-run` is not supported by remora; the policy is enforced",
                 "spec.rules[0]: this DENY rule matches HTTP attributes (hosts, methods, paths or request headers) without naming `ports`; TCP connections have no HTTP attributes, so on TCP ports it denies every connection its other fields match",
             ]
         );
