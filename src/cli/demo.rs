@@ -2,13 +2,10 @@
 //! the checked-in `config/demo.yaml`: a 90/10 canary, and `x-user: beta` → v2.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{LogArgs, start_proxy, wait_for_signal};
-use crate::config::compile::CompileOptions;
-use crate::runtime::RunOptions;
+use super::LogArgs;
 use crate::telemetry::init_logging;
 
 /// The demo config, as checked in (tests load the same file).
@@ -50,32 +47,7 @@ async fn run(args: DemoArgs) -> i32 {
             return 1;
         }
     }
-    let dir = std::env::temp_dir().join(format!("remora-demo-{}", std::process::id()));
-    let path: PathBuf = dir.join("demo.yaml");
-    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, DEMO_YAML)) {
-        eprintln!("remora demo: cannot write {}: {e}", path.display());
-        return 1;
-    }
-    let opts = RunOptions {
-        config_paths: vec![path.clone()],
-        compile: CompileOptions { namespace: "default".into(), ..Default::default() },
-    };
-    let code = match start_proxy(opts, Some(args.admin)).await {
-        Ok((proxy, admin)) => {
-            print_tour(admin);
-            wait_for_signal().await;
-            proxy.shutdown().await;
-            0
-        }
-        Err(errors) => {
-            for e in errors {
-                eprintln!("{e}");
-            }
-            1
-        }
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    code
+    super::serve_generated("demo", DEMO_YAML, args.admin, print_tour).await
 }
 
 fn print_tour(admin: Option<SocketAddr>) {

@@ -349,6 +349,44 @@ pub async fn start_proxy(
     }
 }
 
+/// Runs an in-process proxy on a config made from flags (`split`, `demo`)
+/// until SIGTERM or SIGINT. The YAML goes to a temporary directory of this
+/// process, removed on exit; `on_ready` gets the admin address once the
+/// config is applied. Returns the exit code.
+pub async fn serve_generated(
+    command: &str,
+    yaml: &str,
+    admin: SocketAddr,
+    on_ready: impl FnOnce(Option<SocketAddr>),
+) -> i32 {
+    let dir = std::env::temp_dir().join(format!("remora-{command}-{}", std::process::id()));
+    let path = dir.join(format!("{command}.yaml"));
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, yaml)) {
+        eprintln!("remora {command}: cannot write {}: {e}", path.display());
+        return 1;
+    }
+    let opts = RunOptions {
+        config_paths: vec![path],
+        compile: CompileOptions { namespace: "default".into(), ..Default::default() },
+    };
+    let code = match start_proxy(opts, Some(admin)).await {
+        Ok((proxy, admin)) => {
+            on_ready(admin);
+            wait_for_signal().await;
+            proxy.shutdown().await;
+            0
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{e}");
+            }
+            1
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    code
+}
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn wait_for_signal() {
     Signals::new().recv().await;

@@ -8,13 +8,10 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{LogArgs, start_proxy, wait_for_signal};
-use crate::config::compile::CompileOptions;
-use crate::runtime::RunOptions;
+use super::LogArgs;
 use crate::telemetry::init_logging;
 
 /// Service name used for the generated resources.
@@ -283,34 +280,9 @@ pub fn main(args: SplitArgs) -> i32 {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    rt.block_on(async move {
-        let dir = std::env::temp_dir().join(format!("remora-split-{}", std::process::id()));
-        let path: PathBuf = dir.join("split.yaml");
-        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &yaml)) {
-            eprintln!("remora split: cannot write {}: {e}", path.display());
-            return 1;
-        }
-        let opts = RunOptions {
-            config_paths: vec![path],
-            compile: CompileOptions { namespace: "default".into(), ..Default::default() },
-        };
-        let code = match start_proxy(opts, Some(args.admin)).await {
-            Ok((proxy, _)) => {
-                println!("remora split: listening on http://{}", args.listen);
-                wait_for_signal().await;
-                proxy.shutdown().await;
-                0
-            }
-            Err(errors) => {
-                for e in errors {
-                    eprintln!("{e}");
-                }
-                1
-            }
-        };
-        let _ = std::fs::remove_dir_all(&dir);
-        code
-    })
+    rt.block_on(super::serve_generated("split", &yaml, args.admin, |_| {
+        println!("remora split: listening on http://{}", args.listen)
+    }))
 }
 
 #[cfg(test)]
