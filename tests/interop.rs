@@ -65,12 +65,6 @@ fn skip(test: &str, tool: &str, why: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
-/// `name` on `PATH`.
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
-}
-
 /// A tool's path once it has answered `version_args`, or why not.
 fn usable(path: PathBuf, version_args: &[&str]) -> Result<PathBuf, String> {
     let out = run_blocking(&path, version_args, None, Duration::from_secs(30));

@@ -7,6 +7,8 @@
 //! `iptables-restore`; without them it says why and skips, unless
 //! `REMORA_REQUIRE_NETNS=1` (as `.ci/run` sets after installing them).
 
+mod support;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -78,10 +80,6 @@ fn bad_flags_exit_64_with_the_reason() {
     }
 }
 
-fn which(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-}
-
 /// Skips (saying why) or, when the tools are required, fails.
 fn skip(why: &str) {
     if std::env::var("REMORA_REQUIRE_NETNS").is_ok_and(|v| v == "1") && !why.contains("permission") {
@@ -130,7 +128,7 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
         return skip("needs root to create a network namespace (permission)");
     }
     for tool in ["ip", "iptables", "iptables-restore", "ip6tables-restore"] {
-        if !which(tool) {
+        if support::which(tool).is_none() {
             return skip(&format!("`{tool}` is not installed; .ci/run installs iproute2 and iptables"));
         }
     }

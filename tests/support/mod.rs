@@ -194,3 +194,9 @@ pub fn gateway_vs(name: &str, gw: &str, http: &str) -> String {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: {name}\nspec:\n  hosts:\n  - \"*\"\n  gateways:\n  - {gw}\n  http:\n{http}---\n"
     )
 }
+
+/// `name` on `PATH`: the external tools some tests drive.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
