@@ -859,13 +859,19 @@ impl EndpointState {
             }
             let Grant::Ready(Ready::H1(tx, meta)) = grant else { return };
             let mut inner = this.lock();
-            let ttl = this.shared.settings.idle_timeout;
-            inner.idle.retain(|c| now.duration_since(c.since) < ttl);
+            this.close_idle(&mut inner, now);
             if inner.idle.len() < MAX_IDLE_PER_ENDPOINT {
                 inner.idle.push(IdleConn { tx, since: now, meta });
             }
             this.arm_reaper(&mut inner);
         });
+    }
+
+    /// Closes the connections idle for `idleTimeout` or more, counting each.
+    fn close_idle(&self, inner: &mut PoolInner, now: Instant) {
+        for _ in 0..inner.reap(now, self.shared.settings.idle_timeout) {
+            bump(&self.shared.stats.upstream_cx_idle_timeout);
+        }
     }
 
     /// Makes sure a task closes idle connections when their idle timeout
@@ -886,10 +892,7 @@ impl EndpointState {
                 tokio::time::sleep_until(at).await;
                 let Some(this) = weak.upgrade() else { return };
                 let mut inner = this.lock();
-                let closed = inner.reap(Instant::now(), ttl);
-                for _ in 0..closed {
-                    bump(&this.shared.stats.upstream_cx_idle_timeout);
-                }
+                this.close_idle(&mut inner, Instant::now());
                 match inner.next_idle_expiry(ttl) {
                     Some(next) => at = next,
                     None => {
