@@ -9,9 +9,10 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use support::netns::{self, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_remora");
 
@@ -80,34 +81,9 @@ fn bad_flags_exit_64_with_the_reason() {
     }
 }
 
-/// Skips (saying why) or, when the tools are required, fails.
-fn skip(why: &str) {
-    if std::env::var("REMORA_REQUIRE_NETNS").is_ok_and(|v| v == "1") && !why.contains("permission") {
-        panic!("install_is_idempotent_and_cleanup_removes_everything: required (REMORA_REQUIRE_NETNS=1): {why}");
-    }
-    let line = format!("\nSKIPPED install_is_idempotent_and_cleanup_removes_everything: {why}\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
-}
-
-/// A network namespace of the test's own, deleted on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-impl Netns {
-    fn run(&self, cmd: &str, args: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", &self.0, cmd]).args(args).output().unwrap()
-    }
-
-    fn nat(&self, iptables: &str) -> String {
-        let out = self.run(iptables, &["-w", "-t", "nat", "-S"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
+/// The namespace's `nat` table as `iptables -S` prints it.
+fn nat(ns: &Netns, iptables: &str) -> String {
+    ns.ok(iptables, &["-w", "-t", "nat", "-S"])
 }
 
 /// A rule's words, sorted, without `-m` and `tcp`.
@@ -119,27 +95,14 @@ fn key(l: &str) -> Vec<&str> {
 
 #[test]
 fn install_is_idempotent_and_cleanup_removes_everything() {
-    // The effective UID, from /proc.
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
-        .unwrap_or(false);
-    if !root {
-        return skip("needs root to create a network namespace (permission)");
+    const TEST: &str = "install_is_idempotent_and_cleanup_removes_everything";
+    if let Some(why) = netns::unavailable(&["ip", "iptables", "iptables-restore", "ip6tables-restore"]) {
+        return netns::skip(TEST, &why);
     }
-    for tool in ["ip", "iptables", "iptables-restore", "ip6tables-restore"] {
-        if support::which(tool).is_none() {
-            return skip(&format!("`{tool}` is not installed; .ci/run installs iproute2 and iptables"));
-        }
-    }
-    let ns = Netns(format!("remora-ipt-{}", std::process::id()));
-    let add = Command::new("ip").args(["netns", "add", &ns.0]).output().unwrap();
-    if !add.status.success() {
-        return skip(&format!(
-            "cannot create a network namespace (permission?): {}",
-            String::from_utf8_lossy(&add.stderr).trim()
-        ));
-    }
+    let ns = match Netns::create(&format!("remora-ipt-{}", std::process::id())) {
+        Ok(ns) => ns,
+        Err(why) => return netns::skip(TEST, &why),
+    };
     let install = ["iptables", "--ipv6", "--exclude-outbound-cidrs", "10.96.0.0/12"];
     for round in 0..2 {
         let out = ns.run(BIN, &install);
@@ -148,7 +111,7 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
     // Installed twice, present once: every rule the dry run prints is there
     // exactly once, in both families.
     for (iptables, v6) in [("iptables", false), ("ip6tables", true)] {
-        let live = ns.nat(iptables);
+        let live = nat(&ns, iptables);
         let mut dry = vec!["iptables", "--dry-run", "--exclude-outbound-cidrs", "10.96.0.0/12"];
         if v6 {
             dry.push("--ipv6");
@@ -168,7 +131,7 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
     let out = ns.run(BIN, &["iptables", "--ipv6", "--cleanup"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for iptables in ["iptables", "ip6tables"] {
-        let live = ns.nat(iptables);
+        let live = nat(&ns, iptables);
         assert!(!live.contains("ISTIO"), "{iptables} after cleanup:\n{live}");
     }
     // Cleaning up what is not there is not an error.
