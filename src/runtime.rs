@@ -120,7 +120,8 @@ pub struct DrainProgress {
 /// Listener kinds that take traffic into the workload; a drain closes them.
 /// Sidecar egress listeners carry the app's own outbound calls and keep
 /// serving until the process exits.
-pub const INBOUND_KINDS: &[ListenerKind] = &[ListenerKind::Gateway, ListenerKind::SidecarIngress];
+pub const INBOUND_KINDS: &[ListenerKind] =
+    &[ListenerKind::Gateway, ListenerKind::SidecarIngress, ListenerKind::CaptureInbound];
 
 pub struct Proxy {
     pub state: Arc<ProxyState>,

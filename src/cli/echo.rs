@@ -20,6 +20,12 @@ use crate::body::{self, Body};
 pub async fn spawn(addr: SocketAddr, version: &str) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    serve(listener, version);
+    Ok(local)
+}
+
+/// Serves echo responses on `listener` in the background.
+pub fn serve(listener: TcpListener, version: &str) {
     let version = version.to_string();
     let builder = std::sync::Arc::new(crate::proxy::server::http_builder());
     tokio::spawn(async move {
@@ -43,7 +49,6 @@ pub async fn spawn(addr: SocketAddr, version: &str) -> std::io::Result<SocketAdd
             });
         }
     });
-    Ok(local)
 }
 
 async fn respond(version: &str, req: Request<Incoming>) -> Response<Body> {

@@ -274,10 +274,9 @@ pub fn main(args: IptablesArgs) -> i32 {
     }
     println!("remora iptables: {}", if args.cleanup { "capture rules removed" } else { "capture rules installed" });
     if !args.cleanup {
-        eprintln!(
-            "remora iptables: warning: `remora run` does not serve the capture ports ({} outbound, {} inbound) yet; \
-             until it does, captured connections are refused",
-            plan.proxy_port, plan.inbound_port
+        println!(
+            "remora iptables: run the proxy with `remora run --capture --proxy-port {} --inbound-port {}` as UID {}",
+            plan.proxy_port, plan.inbound_port, args.uid
         );
     }
     0

@@ -81,6 +81,16 @@ pub struct ConfigArgs {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = crate::tls::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Serve the traffic that `remora iptables` captures: the app's outbound
+    /// connections on `--proxy-port`, connections to the pod on `--inbound-port`.
+    #[arg(long, env = "REMORA_CAPTURE")]
+    pub capture: bool,
+    /// Outbound capture port (with `--capture`).
+    #[arg(long, env = "REMORA_PROXY_PORT", default_value_t = 15001)]
+    pub proxy_port: u16,
+    /// Inbound capture port (with `--capture`).
+    #[arg(long, env = "REMORA_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -106,6 +116,10 @@ impl ConfigArgs {
             workload_name: self.workload_name.clone(),
             identity_dir: self.identity_dir.clone(),
             trust_domain: self.trust_domain.clone(),
+            capture: self.capture.then_some(crate::config::compile::CapturePorts {
+                outbound: self.proxy_port,
+                inbound: self.inbound_port,
+            }),
         }
     }
 }

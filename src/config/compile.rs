@@ -14,7 +14,9 @@ use http::header::{HeaderName, HeaderValue};
 use serde_json::json;
 
 use super::model::{self, Spec};
-use super::validate::{decode_base64, grpc_status_code, percent_of, port_protocol, validate_resource};
+use super::validate::{
+    declared_protocol, decode_base64, grpc_status_code, percent_of, port_protocol, validate_resource,
+};
 use super::{Diagnostic, LoadedSet, Resource};
 use crate::route::Mirror;
 use crate::route::matcher::{HeaderCondition, QueryCondition, anchored_regex};
@@ -24,7 +26,7 @@ use crate::route::{
     Redirect, RedirectPort, Rewrite, Route, RouteMatch, RouteTable, StringMatcher, UriRewrite, VirtualHost,
     WeightedCluster,
 };
-use crate::snapshot::{InboundTls, Listener, ListenerKind, Snapshot};
+use crate::snapshot::{Capture, InboundTls, KnownDestination, Listener, ListenerKind, Snapshot};
 use crate::tls::UpstreamTls;
 use crate::upstream::OutlierConfig;
 use crate::upstream::pool::Keepalive;
@@ -88,7 +90,29 @@ pub struct CompileOptions {
     pub identity_dir: Option<std::path::PathBuf>,
     /// `--trust-domain`; empty means Istio's default, `cluster.local`.
     pub trust_domain: String,
+    /// `--capture`: serve the capture ports that `remora iptables` redirects to.
+    pub capture: Option<CapturePorts>,
 }
+
+/// The ports `remora iptables` redirects captured traffic to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapturePorts {
+    /// The app's outbound connections (Istio: 15001).
+    pub outbound: u16,
+    /// Connections to the pod (Istio: 15006).
+    pub inbound: u16,
+}
+
+impl Default for CapturePorts {
+    fn default() -> Self {
+        CapturePorts { outbound: 15001, inbound: 15006 }
+    }
+}
+
+/// Where captured inbound traffic reaches the app from, so that the capture
+/// rules (`-o lo -s 127.0.0.6 -j RETURN`) never redirect it again; Istio's
+/// `InboundPassthroughBindIpv4`.
+pub const INBOUND_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 impl CompileOptions {
     pub fn has_identity(&self) -> bool {
@@ -120,17 +144,22 @@ pub fn compile(set: &LoadedSet, opts: &CompileOptions, registry: &Registry) -> R
         drs: HashMap::new(),
         clusters: BTreeMap::new(),
         authz,
+        capture: CaptureParts::default(),
     };
     c.build_registry(&set.resources);
     c.build_destination_rules(&set.resources);
-    let listeners = c.build_listeners(&set.resources);
+    let (listeners, capture) = c.build_listeners(&set.resources);
     if c.diags.iter().any(Diagnostic::is_error) {
         return Err(c.diags);
     }
     let version = set.version();
     let clusters = c.clusters.into_values().collect();
-    let warnings = c.diags;
-    Ok(Snapshot::new(version, listeners, clusters, set.files.clone(), warnings, set.resources.len()))
+    let mut warnings = c.diags;
+    // Capture compiles one route table per port; a finding about a resource
+    // is reported once.
+    let mut seen = std::collections::HashSet::new();
+    warnings.retain(|d| seen.insert(d.to_string()));
+    Ok(Snapshot::new(version, listeners, clusters, set.files.clone(), warnings, set.resources.len(), capture))
 }
 
 /// Resolves DNS clusters of a freshly compiled snapshot (first answer awaited
@@ -159,7 +188,22 @@ struct Service {
     resolution: String,
     endpoints: Vec<model::WorkloadEntry>,
     subject_alt_names: Vec<String>,
+    /// Service addresses (`spec.addresses`, a Kubernetes ClusterIP): route
+    /// domains and, under capture, original destinations.
+    addresses: Vec<IpAddr>,
     from: String,
+}
+
+/// What the `Sidecar` contributes to the capture listeners.
+#[derive(Default)]
+struct CaptureParts {
+    /// Inbound listeners of `Sidecar` ingress entries, by port.
+    inbound: HashMap<u16, Listener>,
+    /// Their default endpoints.
+    apps: HashMap<u16, SocketAddr>,
+    /// Egress host scopes: by port, and (`None`) for every other port.
+    egress_hosts: HashMap<Option<u16>, Vec<String>>,
+    fallback: Option<Fallback>,
 }
 
 struct DrInfo {
@@ -180,6 +224,7 @@ struct Compiler<'a> {
     clusters: BTreeMap<ClusterKey, Arc<crate::upstream::Cluster>>,
     /// AuthorizationPolicies for this workload, shared by inbound listeners.
     authz: Arc<crate::authz::Policies>,
+    capture: CaptureParts,
 }
 
 fn is_http_protocol(p: &str) -> bool {
@@ -218,6 +263,7 @@ impl Compiler<'_> {
                         resolution: resolution.clone(),
                         endpoints: se.endpoints.clone(),
                         subject_alt_names: se.subject_alt_names.clone(),
+                        addresses: se.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
                         from: r.display_name(),
                     },
                 );
@@ -496,12 +542,132 @@ impl Compiler<'_> {
 
     // === listeners ===
 
-    fn build_listeners(&mut self, resources: &[Resource]) -> Vec<Listener> {
+    fn build_listeners(&mut self, resources: &[Resource]) -> (Vec<Listener>, Option<Capture>) {
         let mut listeners: Vec<Listener> = Vec::new();
         self.build_gateways(resources, &mut listeners);
         self.build_sidecar(resources, &mut listeners);
+        let capture = self.build_capture(resources, &mut listeners);
         listeners.sort_by_key(|l| l.addr);
-        listeners
+        (listeners, capture)
+    }
+
+    /// The capture listeners and what they serve: a route table for each
+    /// port of a visible HTTP service (outbound), and the `Sidecar` ingress
+    /// entries or the app on the same port (inbound).
+    fn build_capture(&mut self, resources: &[Resource], out: &mut Vec<Listener>) -> Option<Capture> {
+        let ports = self.opts.capture?;
+        for (port, kind) in
+            [(ports.outbound, ListenerKind::CaptureOutbound), (ports.inbound, ListenerKind::CaptureInbound)]
+        {
+            let addr = SocketAddr::new(DEFAULT_PUBLIC_BIND, port);
+            out.push(Listener {
+                name: format!("{} {addr}", kind.as_str()),
+                addr,
+                kind,
+                routes: RouteTable::new(Fallback::NotFound),
+                tls: InboundTls::Disable,
+                gateway_tls: None,
+                authz: Arc::new(crate::authz::Policies::empty()),
+                authz_port: port,
+            });
+        }
+        let parts = std::mem::take(&mut self.capture);
+        let fallback = parts.fallback.unwrap_or(Fallback::Passthrough);
+        let all = vec!["*/*".to_string()];
+        let default_hosts = parts.egress_hosts.get(&None).cloned().unwrap_or(all);
+        // Every port some service serves HTTP on, plus the Sidecar's own.
+        let mut http_ports: Vec<u16> = self
+            .services
+            .values()
+            .flat_map(|s| s.ports.iter())
+            .filter(|p| is_http_protocol(port_protocol(p)))
+            .filter_map(|p| u16::try_from(p.number).ok())
+            .chain(parts.egress_hosts.keys().filter_map(|p| *p))
+            .collect();
+        http_ports.sort_unstable();
+        http_ports.dedup();
+        let mut outbound = HashMap::new();
+        for port in http_ports {
+            let hosts = parts.egress_hosts.get(&Some(port)).unwrap_or(&default_hosts).clone();
+            let table = self.egress_table(resources, &hosts, port, fallback, None);
+            outbound.insert(port, Arc::new(capture_egress_listener(port, table)));
+        }
+        let outbound_default = Arc::new(capture_egress_listener(0, RouteTable::new(fallback)));
+        // Inbound: the Sidecar's ingress entries, else the app on the same port.
+        let inbound: HashMap<u16, Arc<Listener>> = parts.inbound.into_iter().map(|(p, l)| (p, Arc::new(l))).collect();
+        let inbound_default = Arc::new(Listener {
+            name: "capture-inbound passthrough".into(),
+            addr: SocketAddr::new(DEFAULT_PUBLIC_BIND, ports.inbound),
+            kind: ListenerKind::SidecarIngress,
+            routes: RouteTable::new(Fallback::InboundPassthrough),
+            tls: self.inbound_tls(resources, 0, None),
+            gateway_tls: None,
+            authz: self.authz.clone(),
+            authz_port: 0,
+        });
+        let mut inbound_tls_ports = HashMap::new();
+        for port in self.port_level_mtls_ports(resources) {
+            let mode = self.inbound_tls(resources, port, None);
+            inbound_tls_ports.insert(port, mode);
+        }
+        Some(Capture {
+            outbound,
+            outbound_default,
+            registry_only: fallback == Fallback::BlackHole,
+            inbound,
+            inbound_default,
+            inbound_apps: parts.apps,
+            inbound_tls_ports,
+            known: self.known_destinations(),
+        })
+    }
+
+    /// Ports named by `portLevelMtls` of PeerAuthentications for this workload.
+    fn port_level_mtls_ports(&self, resources: &[Resource]) -> Vec<u16> {
+        let mut ports: Vec<u16> = resources
+            .iter()
+            .filter(|r| r.namespace == self.opts.namespace)
+            .filter_map(|r| match &r.spec {
+                Spec::PeerAuthentication(pa) => Some(pa),
+                _ => None,
+            })
+            .filter(|pa| {
+                pa.selector.as_ref().is_some_and(|s| labels_match(&s.match_labels, &self.opts.workload_labels))
+            })
+            .flat_map(|pa| pa.port_level_mtls.keys().filter_map(|k| k.parse().ok()))
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// Registry addresses a captured connection may be headed for: service
+    /// addresses on each service port, and STATIC endpoints on their ports.
+    fn known_destinations(&self) -> HashMap<SocketAddr, KnownDestination> {
+        let mut known = HashMap::new();
+        for svc in self.services.values() {
+            for p in &svc.ports {
+                let Ok(number) = u16::try_from(p.number) else { continue };
+                let info = KnownDestination {
+                    host: svc.host.clone(),
+                    namespace: svc.namespace.clone(),
+                    protocol: declared_protocol(p),
+                };
+                for ip in &svc.addresses {
+                    known.entry(SocketAddr::new(*ip, number)).or_insert_with(|| info.clone());
+                }
+                if svc.resolution != "STATIC" {
+                    continue;
+                }
+                for ep in &svc.endpoints {
+                    let Ok(ip) = ep.address.parse::<IpAddr>() else { continue };
+                    let target = ep.ports.get(&p.name).copied().or(p.target_port).unwrap_or(p.number);
+                    let Ok(target) = u16::try_from(target) else { continue };
+                    known.entry(SocketAddr::new(ip, target)).or_insert_with(|| info.clone());
+                }
+            }
+        }
+        known
     }
 
     fn build_gateways(&mut self, resources: &[Resource], out: &mut Vec<Listener>) {
@@ -654,14 +820,24 @@ impl Compiler<'_> {
             Some("REGISTRY_ONLY") => Fallback::BlackHole,
             _ => Fallback::Passthrough,
         };
+        self.capture.fallback = Some(fallback);
+        let capture_on = self.opts.capture.is_some();
         let taken: Vec<SocketAddr> = out.iter().map(|l| l.addr).collect();
         for (i, ing) in sc.ingress.iter().enumerate() {
             let path = format!("spec.ingress[{i}]");
             let Ok(port) = u16::try_from(ing.port.number) else { continue };
+            // Under capture an ingress entry describes traffic to that port
+            // of the pod, which arrives on the inbound capture port; only
+            // `captureMode: NONE` asks for a listener of its own.
+            let captured = capture_on && ing.capture_mode.as_deref() != Some("NONE");
             let ip = ing.bind.as_deref().and_then(|b| b.parse().ok()).unwrap_or(DEFAULT_PUBLIC_BIND);
             let addr = SocketAddr::new(ip, port);
             let Some(endpoint) = ing.default_endpoint.as_deref().and_then(parse_default_endpoint) else { continue };
-            if taken.contains(&addr) || out.iter().any(|l| l.addr == addr) {
+            if captured && self.capture.inbound.contains_key(&port) {
+                self.push(sc_res.error(path, format!("port {port} has another ingress entry")));
+                continue;
+            }
+            if !captured && (taken.contains(&addr) || out.iter().any(|l| l.addr == addr)) {
                 self.push(sc_res.error(path, format!("address {addr} is already used by another listener")));
                 continue;
             }
@@ -671,6 +847,9 @@ impl Compiler<'_> {
                 protocol: if protocol == "HTTP" { Protocol::Http1 } else { Protocol::Http2 },
                 ..PoolSettings::default()
             };
+            if captured && endpoint.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST) {
+                settings.source = Some(IpAddr::V4(INBOUND_SOURCE));
+            }
             apply_pool_policy(&mut settings, ing.connection_pool.as_ref().or(sc.inbound_connection_pool.as_ref()));
             let cluster = self.registry.build(ClusterSpec {
                 key: key.clone(),
@@ -687,8 +866,8 @@ impl Compiler<'_> {
             let vh = Arc::new(VirtualHost { name: format!("inbound|{port}"), routes: vec![route_all_to(cluster)] });
             let mut table = RouteTable::new(Fallback::NotFound);
             table.add_domain("*", &vh);
-            let tls = self.inbound_tls(resources, endpoint.port(), sc_res, &path);
-            out.push(Listener {
+            let tls = self.inbound_tls(resources, endpoint.port(), Some((sc_res, &path)));
+            let listener = Listener {
                 name: format!("sidecar-ingress {}/{} {addr}", sc_res.namespace, sc_res.name),
                 addr,
                 kind: ListenerKind::SidecarIngress,
@@ -697,12 +876,33 @@ impl Compiler<'_> {
                 gateway_tls: None,
                 authz: self.authz.clone(),
                 authz_port: endpoint.port(),
-            });
+            };
+            if captured {
+                self.capture.apps.insert(port, endpoint);
+                self.capture
+                    .inbound
+                    .insert(port, Listener { name: format!("capture-inbound port {port} -> {endpoint}"), ..listener });
+            } else {
+                out.push(listener);
+            }
         }
         for (i, eg) in sc.egress.iter().enumerate() {
             let path = format!("spec.egress[{i}]");
-            let Some(port) = eg.port.as_ref().and_then(|p| u16::try_from(p.number).ok()).filter(|p| *p != 0) else {
-                self.push(sc_res.warning(path, "an egress entry without `port` scopes captured traffic, which remora does not capture yet; it opens no listener"));
+            let port = eg.port.as_ref().and_then(|p| u16::try_from(p.number).ok()).filter(|p| *p != 0);
+            // Under capture, an entry without `bind` scopes the services the
+            // app reaches through the outbound capture port (on its port, or
+            // on every other port when it names none).
+            if capture_on && eg.bind.is_none() && eg.capture_mode.as_deref() != Some("NONE") {
+                if self.capture.egress_hosts.insert(port, eg.hosts.clone()).is_some() {
+                    self.push(sc_res.error(path, "another egress entry already covers this port"));
+                }
+                continue;
+            }
+            let Some(port) = port else {
+                self.push(sc_res.warning(
+                    path,
+                    "an egress entry without `port` scopes captured traffic; without --capture it opens no listener",
+                ));
                 continue;
             };
             let ip = eg.bind.as_deref().and_then(|b| b.parse().ok()).unwrap_or(DEFAULT_EGRESS_BIND);
@@ -711,7 +911,7 @@ impl Compiler<'_> {
                 self.push(sc_res.error(path, format!("address {addr} is already used by another listener")));
                 continue;
             }
-            let table = self.egress_table(resources, &eg.hosts, port, fallback, sc_res, &path);
+            let table = self.egress_table(resources, &eg.hosts, port, fallback, Some((sc_res, &path)));
             out.push(Listener {
                 name: format!("sidecar-egress {}/{} {addr}", sc_res.namespace, sc_res.name),
                 addr,
@@ -730,7 +930,7 @@ impl Compiler<'_> {
     /// then namespace-wide, then mesh-wide in `istio-system`), a port-level
     /// mode overrides its policy's mode, `UNSET` inherits, and with no policy
     /// at all Istio's default is PERMISSIVE.
-    fn inbound_tls(&mut self, resources: &[Resource], app_port: u16, sc: &Resource, path: &str) -> InboundTls {
+    fn inbound_tls(&mut self, resources: &[Resource], app_port: u16, origin: Option<(&Resource, &str)>) -> InboundTls {
         let mut workload: Option<&Resource> = None;
         let mut namespace: Option<&Resource> = None;
         let mut mesh: Option<&Resource> = None;
@@ -778,9 +978,10 @@ impl Compiler<'_> {
                 let msg = format!(
                     "STRICT mTLS on the app port {app_port} needs the workload identity: start remora with --identity-dir"
                 );
-                match chosen {
-                    Some((_, r)) => self.diags.push(r.error("spec.mtls.mode", msg)),
-                    None => self.diags.push(sc.error(path.to_string(), msg)),
+                match (chosen, origin) {
+                    (Some((_, r)), _) => self.diags.push(r.error("spec.mtls.mode", msg)),
+                    (None, Some((sc, path))) => self.diags.push(sc.error(path.to_string(), msg)),
+                    (None, None) => {}
                 }
             }
             // Without an identity PERMISSIVE can only ever see plaintext.
@@ -797,11 +998,11 @@ impl Compiler<'_> {
         hosts: &[String],
         port: u16,
         fallback: Fallback,
-        sc: &Resource,
-        path: &str,
+        origin: Option<(&Resource, &str)>,
     ) -> RouteTable {
         let mut table = RouteTable::new(fallback);
-        let visible = |host: &str, ns: &str| hosts.iter().any(|h| egress_host_visible(h, host, ns, &sc.namespace));
+        let scope_ns = origin.map(|(sc, _)| sc.namespace.clone()).unwrap_or_else(|| self.opts.namespace.clone());
+        let visible = |host: &str, ns: &str| hosts.iter().any(|h| egress_host_visible(h, host, ns, &scope_ns));
         // Mesh VirtualServices by host; the first one for a host wins.
         let mut vs_by_host: BTreeMap<String, &Resource> = BTreeMap::new();
         for r in resources {
@@ -824,14 +1025,14 @@ impl Compiler<'_> {
                 vs_by_host.insert(host, r);
             }
         }
-        let service_hosts: Vec<(String, String)> = self
+        let service_hosts: Vec<(String, String, Vec<IpAddr>)> = self
             .services
             .values()
             .filter(|s| s.ports.iter().any(|p| p.number == u32::from(port) && is_http_protocol(port_protocol(p))))
-            .map(|s| (s.host.clone(), s.namespace.clone()))
+            .map(|s| (s.host.clone(), s.namespace.clone(), s.addresses.clone()))
             .collect();
         let mut built: HashMap<String, Arc<VirtualHost>> = HashMap::new();
-        for (host, ns) in &service_hosts {
+        for (host, ns, addresses) in &service_hosts {
             if !visible(host, ns) {
                 continue;
             }
@@ -857,13 +1058,24 @@ impl Compiler<'_> {
                 None => match self.default_virtual_host(host, port) {
                     Ok(vh) => vh,
                     Err(e) => {
-                        self.diags.push(sc.error(path.to_string(), e));
+                        match origin {
+                            Some((sc, path)) => self.diags.push(sc.error(path.to_string(), e)),
+                            None => tracing::warn!(%host, port, error = %e, "service not routed on the capture port"),
+                        }
                         continue;
                     }
                 },
             };
             for alias in host_aliases(host, &self.opts.namespace) {
                 table.add_domain(&alias, &vh);
+            }
+            // A request to the service's address (a ClusterIP) names it in Host.
+            for ip in addresses {
+                let domain = match ip {
+                    IpAddr::V4(v4) => v4.to_string(),
+                    IpAddr::V6(v6) => format!("[{v6}]"),
+                };
+                table.add_domain(&domain, &vh);
             }
         }
         // VirtualService hosts that are not services (external names routed to
@@ -1432,6 +1644,20 @@ fn egress_host_visible(entry: &str, host: &str, host_ns: &str, sidecar_ns: &str)
         other => other == host_ns,
     };
     ns_ok && host_within(host, &pattern.to_ascii_lowercase())
+}
+
+/// A captured outbound port's view: its route table as an egress listener.
+fn capture_egress_listener(port: u16, routes: RouteTable) -> Listener {
+    Listener {
+        name: if port == 0 { "capture-outbound other ports".into() } else { format!("capture-outbound port {port}") },
+        addr: SocketAddr::new(DEFAULT_PUBLIC_BIND, port),
+        kind: ListenerKind::SidecarEgress,
+        routes,
+        tls: InboundTls::Disable,
+        gateway_tls: None,
+        authz: Arc::new(crate::authz::Policies::empty()),
+        authz_port: port,
+    }
 }
 
 /// Domains under which a service is reachable from this proxy, as Istio's

@@ -83,6 +83,15 @@ pub fn port_protocol(p: &model::ServicePort) -> &'static str {
     inferred_protocol(&p.name).unwrap_or("TCP")
 }
 
+/// The protocol a port declares or names, or `None` when it does neither
+/// (Istio then detects the protocol on the connection).
+pub fn declared_protocol(p: &model::ServicePort) -> Option<&'static str> {
+    match p.protocol.as_deref().filter(|s| !s.is_empty()) {
+        Some(declared) => Some(known_protocol(declared).unwrap_or("TCP")),
+        None => inferred_protocol(&p.name),
+    }
+}
+
 fn known_protocol(s: &str) -> Option<&'static str> {
     PROTOCOLS.iter().copied().find(|p| p.eq_ignore_ascii_case(s))
 }
@@ -307,6 +316,14 @@ impl Validator<'_> {
     }
 
     /// An Istio field that carries no meaning for remora.
+    fn capture_mode(&mut self, path: &str, mode: &Option<String>) {
+        if let Some(m) = mode
+            && !matches!(m.as_str(), "DEFAULT" | "IPTABLES" | "NONE")
+        {
+            self.err(path, format!("captureMode {m:?} is not one of DEFAULT, IPTABLES, NONE"));
+        }
+    }
+
     fn ignored(&mut self, path: &str) {
         self.warn(path, format!("`{path}` is parsed and ignored by remora"));
     }
@@ -1353,8 +1370,18 @@ impl Validator<'_> {
                 "`spec.workloadSelector` is not supported by remora (it has no workload registry); list `endpoints`",
             );
         }
-        if !se.addresses.is_empty() {
-            self.ignored("spec.addresses");
+        for (i, a) in se.addresses.iter().enumerate() {
+            if a.parse::<std::net::IpAddr>().is_err() {
+                let path = format!("spec.addresses[{i}]");
+                if a.contains('/') {
+                    self.warn(
+                        path,
+                        format!("address range {a:?} is parsed and ignored by remora; list single IP addresses"),
+                    );
+                } else {
+                    self.err(path, format!("{a:?} is not an IP address"));
+                }
+            }
         }
         if !se.subject_alt_names.is_empty() {
             self.ignored("spec.subjectAltNames");
@@ -1534,9 +1561,7 @@ impl Validator<'_> {
                 Some(e) => self.default_endpoint(&format!("{ipath}.defaultEndpoint"), e),
             }
             self.bind(&format!("{ipath}.bind"), &ing.bind);
-            if ing.capture_mode.is_some() {
-                self.ignored(&format!("{ipath}.captureMode"));
-            }
+            self.capture_mode(&format!("{ipath}.captureMode"), &ing.capture_mode);
             if present(&ing.tls) {
                 self.not_yet(&format!("{ipath}.tls"));
             }
@@ -1561,9 +1586,7 @@ impl Validator<'_> {
                 _ => {}
             }
             self.bind(&format!("{epath}.bind"), &eg.bind);
-            if eg.capture_mode.is_some() {
-                self.ignored(&format!("{epath}.captureMode"));
-            }
+            self.capture_mode(&format!("{epath}.captureMode"), &eg.capture_mode);
         }
         if let Some(otp) = &sc.outbound_traffic_policy {
             if let Some(mode) = otp.mode.as_deref()
@@ -2311,7 +2334,7 @@ mod tests {
         let e = errors(&se("  hosts: [a.example.com]\n  resolution: STATIC\n  ports: [{number: 80, name: http}]\n"));
         assert_eq!(e, vec!["spec.endpoints: resolution STATIC needs endpoints with IP addresses"]);
         let d = check(&se(
-            "  hosts: [a.example.com]\n  addresses: [240.0.0.1]\n  resolution: DNS_ROUND_ROBIN\n  ports: [{number: 80, name: web}, {number: 9080, name: http-api}]\n  endpoints: [{address: backend.example.com, ports: {web: 8080}, labels: {version: v1}, weight: 3}]\n",
+            "  hosts: [a.example.com]\n  addresses: [240.0.0.1, 10.0.0.0/16]\n  resolution: DNS_ROUND_ROBIN\n  ports: [{number: 80, name: web}, {number: 9080, name: http-api}]\n  endpoints: [{address: backend.example.com, ports: {web: 8080}, labels: {version: v1}, weight: 3}]\n",
         ));
         assert!(rendered(&d, Severity::Error).is_empty(), "{d:#?}");
         assert_eq!(
@@ -2319,7 +2342,7 @@ mod tests {
             vec![
                 "spec.resolution: DNS_ROUND_ROBIN is treated as DNS: every resolved address is used",
                 "spec.ports[0]: no protocol is set and the port name does not start with one (as in `http-web`); the port is treated as TCP",
-                "spec.addresses: `spec.addresses` is parsed and ignored by remora",
+                "spec.addresses[1]: address range \"10.0.0.0/16\" is parsed and ignored by remora; list single IP addresses",
             ]
         );
         let e = errors(&se("  hosts: []\n  ports: []\n"));
@@ -2384,8 +2407,12 @@ mod tests {
             assert_error(&e, want);
         }
         assert_eq!(e.len(), 11, "{e:#?}");
-        let w = rendered(&d, Severity::Warning);
-        assert_error(&w, "spec.ingress[1].captureMode: `spec.ingress[1].captureMode` is parsed and ignored by remora");
+        let bad_mode = text.replace("captureMode: NONE", "captureMode: SOMETIMES");
+        let e = rendered(&check(&bad_mode), Severity::Error);
+        assert_error(
+            &e,
+            "spec.ingress[1].captureMode: captureMode \"SOMETIMES\" is not one of DEFAULT, IPTABLES, NONE",
+        );
     }
 
     #[test]

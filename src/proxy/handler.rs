@@ -49,6 +49,10 @@ pub struct ProxyState {
     passthrough: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
     /// Limits and stats of `PassthroughCluster` (ALLOW_ANY destinations).
     passthrough_cluster: Arc<ClusterShared>,
+    /// Captured inbound traffic to app ports without a `Sidecar` ingress
+    /// entry, by app address; connects from 127.0.0.6.
+    inbound_passthrough: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    inbound_passthrough_cluster: Arc<ClusterShared>,
     /// Requests being served on any listener, until their response has been
     /// streamed (drain waits for this to reach zero).
     inflight: Arc<std::sync::atomic::AtomicUsize>,
@@ -64,6 +68,15 @@ impl ProxyState {
             snapshot: ArcSwap::new(snapshot),
             passthrough: Mutex::new(HashMap::new()),
             passthrough_cluster: ClusterShared::new(PoolSettings::default(), None, Arc::new(TcpConnect)),
+            inbound_passthrough: Mutex::new(HashMap::new()),
+            inbound_passthrough_cluster: ClusterShared::new(
+                PoolSettings {
+                    source: Some(IpAddr::V4(crate::config::compile::INBOUND_SOURCE)),
+                    ..PoolSettings::default()
+                },
+                None,
+                Arc::new(TcpConnect),
+            ),
             inflight: Arc::default(),
             metrics,
             identity: std::sync::OnceLock::new(),
@@ -84,15 +97,22 @@ impl ProxyState {
         self.inflight.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn passthrough_endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
-        let mut map = self.passthrough.lock().unwrap_or_else(|p| p.into_inner());
+    /// The endpoint for a passthrough destination: outbound (`ALLOW_ANY`), or
+    /// the app behind captured inbound traffic.
+    fn passthrough_endpoint(&self, addr: SocketAddr, inbound: bool) -> Arc<EndpointState> {
+        let (map, cluster) = if inbound {
+            (&self.inbound_passthrough, &self.inbound_passthrough_cluster)
+        } else {
+            (&self.passthrough, &self.passthrough_cluster)
+        };
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ep) = map.get(&addr) {
             return ep.clone();
         }
         if map.len() >= MAX_PASSTHROUGH_ENDPOINTS {
             map.retain(|_, ep| ep.connections() > 0 || ep.active() > 0);
         }
-        let ep = EndpointState::new(addr, self.passthrough_cluster.clone());
+        let ep = EndpointState::new(addr, cluster.clone());
         map.insert(addr, ep.clone());
         ep
     }
@@ -109,6 +129,9 @@ pub struct ConnInfo {
     pub xfcc: Option<HeaderValue>,
     /// The client connected over TLS to a gateway (the request's scheme is https).
     pub secure: bool,
+    /// Where a captured connection was headed before the capture rules
+    /// redirected it (`SO_ORIGINAL_DST`).
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// Per-request facts gathered while routing, reported when the response has
@@ -239,7 +262,8 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
     let request_head = head_bytes(&parts.headers) + parts.uri.to_string().len() as u64 + 14;
     let req = Request::from_parts(parts, body::boxed(body::Counted::new(body, request_bytes.clone())));
     let snapshot = state.snapshot.load_full();
-    let fallback = state.metrics.special(match snapshot.listener(&conn.local).map(|l| l.kind) {
+    let listener = snapshot.route_listener(&conn.local, conn.original_dst).cloned();
+    let fallback = state.metrics.special(match listener.as_ref().map(|l| l.kind) {
         Some(ListenerKind::SidecarIngress) => Special::InboundUnknown,
         _ => Special::Unknown,
     });
@@ -259,7 +283,7 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
         reported: false,
         _inflight: inflight,
     };
-    let resp = match snapshot.listener(&conn.local) {
+    let resp = match &listener {
         Some(listener) => match route_request(&state, &snapshot, listener, &conn, req, &mut finish.facts).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(grpc),
@@ -304,7 +328,8 @@ async fn route_request(
         let attrs = crate::authz::Request {
             principal: conn.identity.as_ref().map(|p| p.principal()),
             source_ip: conn.peer.ip(),
-            destination_port: listener.authz_port,
+            // Captured: the port the peer dialled, as Envoy's destination.port.
+            destination_port: conn.original_dst.map_or(listener.authz_port, |d| d.port()),
             http: Some(crate::authz::HttpAttrs {
                 method: req.method().as_str(),
                 host: crate::route::strip_port(&authority),
@@ -336,7 +361,8 @@ async fn route_request(
                 outcome.target = Some(state.metrics.special(Special::BlackHole));
                 Err(ProxyError::BlackHole)
             }
-            Fallback::Passthrough => passthrough(state, snapshot, conn, req, &authority, outcome).await,
+            Fallback::Passthrough => passthrough(state, snapshot, conn, req, &authority, outcome, false).await,
+            Fallback::InboundPassthrough => passthrough(state, snapshot, conn, req, &authority, outcome, true).await,
         };
     };
     let Some(route) = vh.find(&view) else {
@@ -1039,8 +1065,11 @@ enum MirrorBody {
     Recorded(body::Recorder),
 }
 
-/// `ALLOW_ANY`: an unknown Host is forwarded to that host as given (the
-/// listener's port when it names none), over HTTP/1.1.
+/// `ALLOW_ANY`: an unknown Host is forwarded to where the app was headed: the
+/// original destination of a captured connection, else that host as given
+/// (the listener's port when it names none), over HTTP/1.1. `inbound`:
+/// captured inbound traffic for an app port, forwarded to the app on that
+/// port on loopback.
 async fn passthrough(
     state: &Arc<ProxyState>,
     snapshot: &Snapshot,
@@ -1048,25 +1077,37 @@ async fn passthrough(
     req: Request<Body>,
     authority: &str,
     outcome: &mut LogFacts,
+    inbound: bool,
 ) -> Result<Response<Body>, ProxyError> {
-    outcome.cluster = Some(Arc::from("PassthroughCluster"));
-    outcome.target = Some(state.metrics.special(Special::Passthrough));
-    let host = crate::route::strip_port(authority).to_string();
-    let port = authority
-        .rsplit_once(':')
-        .filter(|(h, _)| !h.ends_with(']') || authority.starts_with('['))
-        .and_then(|(_, p)| p.parse::<u16>().ok())
-        .unwrap_or(conn.local.port());
-    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
-        Ok(a) => a.collect(),
-        Err(_) => return Err(ProxyError::ConnectFailure),
+    let (cluster, special) = if inbound {
+        ("InboundPassthroughCluster", Special::InboundPassthrough)
+    } else {
+        ("PassthroughCluster", Special::Passthrough)
     };
-    let Some(addr) = addrs.first().copied() else { return Err(ProxyError::ConnectFailure) };
+    outcome.cluster = Some(Arc::from(cluster));
+    outcome.target = Some(state.metrics.special(special));
+    let addr = match conn.original_dst {
+        Some(dst) if inbound => SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), dst.port()),
+        Some(dst) => dst,
+        None => {
+            let host = crate::route::strip_port(authority).to_string();
+            let port = authority
+                .rsplit_once(':')
+                .filter(|(h, _)| !h.ends_with(']') || authority.starts_with('['))
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .unwrap_or(conn.local.port());
+            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
+                Ok(a) => a.collect(),
+                Err(_) => return Err(ProxyError::ConnectFailure),
+            };
+            addrs.first().copied().ok_or(ProxyError::ConnectFailure)?
+        }
+    };
     if snapshot.listeners.iter().any(|l| points_at_listener(addr, l.addr)) {
         return Err(ProxyError::PassthroughLoop);
     }
     outcome.upstream = Some(addr);
-    let ep = state.passthrough_endpoint(addr);
+    let ep = state.passthrough_endpoint(addr, inbound);
     let guard = ep.begin_request();
     let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
     let upgrade_req = is_upgrade(&req);
@@ -1075,7 +1116,8 @@ async fn passthrough(
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let (mut parts, body) = req.into_parts();
-    prepare_request_headers(&mut parts.headers, conn, ListenerKind::SidecarEgress, &scheme, upgrade.is_some());
+    let kind = if inbound { ListenerKind::SidecarIngress } else { ListenerKind::SidecarEgress };
+    prepare_request_headers(&mut parts.headers, conn, kind, &scheme, upgrade.is_some());
     let target = Target { authority, path: &path, query: query.as_deref() };
     let r = finish_request(Request::from_parts(parts, body::boxed(body)), &ep, &target, 1);
     let started = Instant::now();
@@ -1087,7 +1129,7 @@ async fn passthrough(
     if switching {
         let Some(client_upgrade) = upgrade else { return Err(ProxyError::UpstreamProtocol) };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, Some(state.metrics.special(Special::Passthrough))));
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, Some(state.metrics.special(special))));
     }
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers, switching);

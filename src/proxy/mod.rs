@@ -1,5 +1,6 @@
 //! The data path: listeners, the HTTP server, and the request pipeline.
 
+pub mod capture;
 pub mod error;
 pub mod handler;
 pub mod server;

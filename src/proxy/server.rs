@@ -22,7 +22,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -373,15 +373,22 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 // The mTLS mode comes from the snapshot the connection
                 // arrives under (PeerAuthentication on a sidecar ingress).
-                let (mode, gateway_tls) = match state.snapshot.load().listener(&addr) {
-                    Some(l) => (l.tls, l.gateway_tls.clone()),
-                    None => (InboundTls::default(), None),
+                let (kind, mode, gateway_tls) = match state.snapshot.load().listener(&addr) {
+                    Some(l) => (Some(l.kind), l.tls, l.gateway_tls.clone()),
+                    None => (None, InboundTls::default(), None),
                 };
                 let (state, builder) = (state.clone(), builder.clone());
                 let watcher = graceful.watcher();
                 let open = ConnGuard::new(&track);
                 conns.spawn(async move {
                     let _open = open;
+                    let accepted = super::capture::Accepted { stream, peer, local: addr, state, builder, watcher };
+                    match kind {
+                        Some(ListenerKind::CaptureOutbound) => return super::capture::outbound(accepted).await,
+                        Some(ListenerKind::CaptureInbound) => return super::capture::inbound(accepted).await,
+                        _ => {}
+                    }
+                    let super::capture::Accepted { stream, peer, state, builder, watcher, .. } = accepted;
                     let identity = state.identity();
                     let secure = gateway_tls.is_some();
                     let (io, peer_id): (BoxIo, _) = if let Some(tls) = gateway_tls {
@@ -403,28 +410,23 @@ async fn accept_loop(
                             }
                         }
                     };
-                    let xfcc = peer_id.as_ref().and_then(|p| {
-                        let own = identity.as_ref()?.current()?.spiffe_id.clone();
-                        let v = format!("By={own};Hash={};Subject=\"\";URI={}", p.cert_hash, p.spiffe_id);
-                        http::HeaderValue::from_str(&v).ok()
-                    });
-                    let conn = ConnInfo { local: addr, peer, identity: peer_id, xfcc, secure };
-                    let svc = service_fn(move |req| {
-                        let (state, conn) = (state.clone(), conn.clone());
-                        async move { Ok::<_, std::convert::Infallible>(handler::handle(state, conn, req).await) }
-                    });
-                    let io = TokioIo::new(DetectDeadline::new(io, PROTOCOL_DETECT_TIMEOUT));
-                    let served = builder.serve_connection_with_upgrades(io, svc);
-                    if let Err(e) = watcher.watch(served.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with error");
-                    }
+                    let xfcc = xfcc_for(identity.as_ref(), peer_id.as_deref());
+                    let conn = ConnInfo { local: addr, peer, identity: peer_id, xfcc, secure, original_dst: None };
+                    serve_http(io, conn, state, &builder, watcher).await;
                 });
             }
         }
     };
     // New connections are refused from here on.
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    // HTTP connections finish their requests (graceful shutdown); TCP
+    // tunnels of the capture listeners run on until they end or the bound.
+    let finished = tokio::time::timeout(drain, async {
+        graceful.shutdown().await;
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
         let open = track.connections();
         track.cut_off.store(open, Ordering::Release);
         tracing::warn!(%addr, open, "listener drain timed out; closing the remaining connections");
@@ -432,6 +434,39 @@ async fn accept_loop(
     }
     // Aborted tasks end at their next poll; finished ones are only reaped here.
     while conns.join_next().await.is_some() {}
+}
+
+/// `x-forwarded-client-cert` for requests on a connection from a verified
+/// mesh peer: this proxy's identity, the peer's certificate hash and ID.
+pub(super) fn xfcc_for(
+    identity: Option<&Arc<crate::tls::IdentityStore>>,
+    peer: Option<&crate::tls::inbound::Peer>,
+) -> Option<http::HeaderValue> {
+    let p = peer?;
+    let own = identity?.current()?.spiffe_id.clone();
+    let v = format!("By={own};Hash={};Subject=\"\";URI={}", p.cert_hash, p.spiffe_id);
+    http::HeaderValue::from_str(&v).ok()
+}
+
+/// Serves HTTP/1.1 and h2c on an accepted (and, for mTLS, terminated)
+/// connection until it ends or the listener's graceful shutdown closes it.
+pub(super) async fn serve_http(
+    io: BoxIo,
+    conn: ConnInfo,
+    state: Arc<ProxyState>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) {
+    let peer = conn.peer;
+    let svc = service_fn(move |req| {
+        let (state, conn) = (state.clone(), conn.clone());
+        async move { Ok::<_, std::convert::Infallible>(handler::handle(state, conn, req).await) }
+    });
+    let io = TokioIo::new(DetectDeadline::new(io, PROTOCOL_DETECT_TIMEOUT));
+    let served = builder.serve_connection_with_upgrades(io, svc);
+    if let Err(e) = watcher.watch(served.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with error");
+    }
 }
 
 /// The HTTP/2 client preface; a connection that starts with it is h2c.

@@ -39,6 +39,9 @@ pub enum Fallback {
     Passthrough,
     /// `REGISTRY_ONLY`: 502.
     BlackHole,
+    /// Captured inbound traffic to a port with no Sidecar ingress: the app on
+    /// that port on loopback (Istio's `InboundPassthroughCluster`).
+    InboundPassthrough,
 }
 
 impl RouteTable {

@@ -267,7 +267,7 @@ pub struct Destination {
 pub struct Metrics {
     workload: Workload,
     targets: Mutex<HashMap<(Reporter, Destination), Weak<Target>>>,
-    special: OnceLock<[Arc<Target>; 4]>,
+    special: OnceLock<[Arc<Target>; 5]>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -287,6 +287,8 @@ pub enum Special {
     BlackHole = 2,
     /// Inbound traffic with no matching listener route.
     InboundUnknown = 3,
+    /// Captured inbound traffic to an app port no `Sidecar` ingress names.
+    InboundPassthrough = 4,
 }
 
 impl Metrics {
@@ -327,6 +329,7 @@ impl Metrics {
                 mk(Reporter::Source, Some("PassthroughCluster")),
                 mk(Reporter::Source, Some("BlackHoleCluster")),
                 mk(Reporter::Destination, None),
+                mk(Reporter::Destination, Some("InboundPassthroughCluster")),
             ]
         });
         all[which as usize].clone()

@@ -77,6 +77,25 @@ pub async fn accept(
         }
         return Ok((Box::new(stream), None));
     }
+    let (io, peer, _) = terminate(stream, store).await?;
+    Ok((io, Some(peer)))
+}
+
+/// What a mesh peer asked to speak inside mTLS (from ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inner {
+    /// `istio-http/1.1`, `istio-h2`, `h2`, `http/1.1` and the like.
+    Http,
+    /// `istio` (Istio's TCP), or no protocol named.
+    Opaque,
+}
+
+/// Terminates mTLS on `stream`: the decrypted stream, the verified peer, and
+/// what the peer will speak inside.
+pub async fn terminate(
+    stream: TcpStream,
+    store: Option<&Arc<IdentityStore>>,
+) -> Result<(BoxIo, Arc<Peer>, Inner), AcceptError> {
     let config = store.and_then(|s| s.server_config()).ok_or(AcceptError::NoIdentity)?;
     let tls = tokio::time::timeout(DETECT_TIMEOUT, tokio_rustls::TlsAcceptor::from(config).accept(stream))
         .await
@@ -86,5 +105,9 @@ pub async fn accept(
     let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or(AcceptError::NoPeerIdentity)?;
     let spiffe_id = spiffe_ids(leaf).into_iter().next().ok_or(AcceptError::NoPeerIdentity)?;
     let peer = Peer { spiffe_id, cert_hash: fingerprint(leaf) };
-    Ok((Box::new(tls), Some(Arc::new(peer))))
+    let inner = match conn.alpn_protocol() {
+        Some(b"istio") | None => Inner::Opaque,
+        Some(_) => Inner::Http,
+    };
+    Ok((Box::new(tls), Arc::new(peer), inner))
 }

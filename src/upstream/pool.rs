@@ -93,6 +93,9 @@ pub struct PoolSettings {
     pub max_connection_duration: Option<Duration>,
     pub keepalive: Option<Keepalive>,
     pub max_concurrent_streams: usize,
+    /// Local address to connect from (captured inbound traffic reaches the
+    /// app from 127.0.0.6, which the capture rules let through).
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl Default for PoolSettings {
@@ -109,6 +112,7 @@ impl Default for PoolSettings {
             max_connection_duration: None,
             keepalive: None,
             max_concurrent_streams: DEFAULT_MAX_STREAMS,
+            source: None,
         }
     }
 }
@@ -232,8 +236,9 @@ impl Connect for TcpConnect {
         settings: &PoolSettings,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send>> {
         let keepalive = settings.keepalive;
+        let source = settings.source;
         Box::pin(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
+            let stream = connect_from(addr, source).await?;
             let _ = stream.set_nodelay(true);
             if let Some(k) = keepalive {
                 let mut ka = socket2::TcpKeepalive::new();
@@ -253,6 +258,20 @@ impl Connect for TcpConnect {
             Ok(Box::new(stream) as BoxIo)
         })
     }
+}
+
+/// Connects to `addr`, from `source` when given (port chosen by the kernel).
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(source) = source else { return tokio::net::TcpStream::connect(addr).await };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
 }
 
 /// Fails every connect: used where sending plaintext would be wrong.
