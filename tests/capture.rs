@@ -337,7 +337,12 @@ fn two_pods_capture_mtls_routing_and_tcp_passthrough() {
 fn wait_for(a: &Pod, b: &Pod, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}\nA:\n{}\nB:\n{}", a.log(), b.log());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}\nA:\n{}\nB:\n{}",
+            a.log(),
+            b.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod echo;
+pub mod inject;
 pub mod iptables;
 pub mod split;
 pub mod wait;
@@ -56,6 +57,8 @@ pub enum Command {
     Wait(wait::WaitArgs),
     /// Install (or print, or remove) the pod's traffic-capture rules; run by the init container.
     Iptables(iptables::IptablesArgs),
+    /// Add the sidecar to Kubernetes manifests (like `istioctl kube-inject`).
+    Inject(inject::InjectArgs),
 }
 
 /// Flags that decide how a config is judged; shared by `run` and `validate`.
@@ -71,6 +74,11 @@ pub struct ConfigArgs {
     /// Without labels the proxy is standalone: every Gateway applies.
     #[arg(long, env = "REMORA_WORKLOAD_LABELS", value_parser = parse_labels, default_value = "")]
     pub workload_labels: Labels,
+    /// A file of labels in the downward API's format (`key="value"` lines),
+    /// read at start and merged under `--workload-labels`; Kubernetes writes
+    /// the pod's labels there.
+    #[arg(long, env = "REMORA_WORKLOAD_LABELS_FILE")]
+    pub workload_labels_file: Option<PathBuf>,
     /// This workload's name (reported in logs and metrics).
     #[arg(long, env = "REMORA_WORKLOAD_NAME")]
     pub workload_name: Option<String>,
@@ -108,11 +116,50 @@ fn parse_labels(s: &str) -> Result<Labels, String> {
     Ok(Labels(out))
 }
 
+/// Labels as the Kubernetes downward API writes them: one `key="value"` per
+/// line, the value quoted with Go's escapes.
+pub fn parse_downward_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = || format!("line {}: {line:?} is not key=\"value\"", i + 1);
+        let (k, v) = line.split_once('=').ok_or_else(bad)?;
+        let v = v.trim().strip_prefix('"').and_then(|v| v.strip_suffix('"')).ok_or_else(bad)?;
+        let mut value = String::with_capacity(v.len());
+        let mut chars = v.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some('t') => value.push('\t'),
+                    Some(other) => value.push(other),
+                    None => return Err(bad()),
+                },
+                c => value.push(c),
+            }
+        }
+        out.insert(k.trim().to_string(), value);
+    }
+    Ok(out)
+}
+
 impl ConfigArgs {
-    pub fn compile_options(&self) -> CompileOptions {
-        CompileOptions {
+    /// `--workload-labels` over the labels file, if any.
+    fn labels(&self) -> Result<BTreeMap<String, String>, String> {
+        let mut labels = match &self.workload_labels_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                parse_downward_labels(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => BTreeMap::new(),
+        };
+        labels.extend(self.workload_labels.0.clone());
+        Ok(labels)
+    }
+
+    pub fn compile_options(&self) -> Result<CompileOptions, String> {
+        Ok(CompileOptions {
             namespace: self.namespace.clone(),
-            workload_labels: self.workload_labels.0.clone(),
+            workload_labels: self.labels()?,
             workload_name: self.workload_name.clone(),
             identity_dir: self.identity_dir.clone(),
             trust_domain: self.trust_domain.clone(),
@@ -120,7 +167,7 @@ impl ConfigArgs {
                 outbound: self.proxy_port,
                 inbound: self.inbound_port,
             }),
-        }
+        })
     }
 }
 
@@ -204,6 +251,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
         Command::Demo(args) => demo::main(args),
         Command::Wait(args) => wait::main(args),
         Command::Iptables(args) => iptables::main(args),
+        Command::Inject(args) => inject::main(args),
     }
 }
 
@@ -223,8 +271,15 @@ pub fn runtime(concurrency: Option<usize>) -> Result<tokio::runtime::Runtime, i3
 }
 
 fn validate(args: &ConfigArgs) -> i32 {
+    let opts = match args.compile_options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("remora: --workload-labels-file {e}");
+            return EXIT_USAGE;
+        }
+    };
     let set = load_paths(&args.config, &args.namespace);
-    match compile(&set, &args.compile_options(), &Registry::new()) {
+    match compile(&set, &opts, &Registry::new()) {
         Ok(snapshot) => {
             for w in &snapshot.warnings {
                 println!("{w}");
@@ -248,7 +303,23 @@ fn validate(args: &ConfigArgs) -> i32 {
 /// SIGTERM, SIGINT or `/quitquitquit`; then drain and exit 0.
 pub async fn run(args: RunArgs) -> i32 {
     let mut signals = Signals::new();
-    let opts = RunOptions { config_paths: args.config.config.clone(), compile: args.config.compile_options() };
+    let compile = match args.config.compile_options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("remora: --workload-labels-file {e}");
+            return EXIT_USAGE;
+        }
+    };
+    // Set by `remora inject` from the downward API, for the operator reading logs.
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        namespace = %compile.namespace,
+        pod = std::env::var("POD_NAME").ok().as_deref().unwrap_or("-"),
+        service_account = std::env::var("SERVICE_ACCOUNT").ok().as_deref().unwrap_or("-"),
+        capture = compile.capture.is_some(),
+        "remora starting"
+    );
+    let opts = RunOptions { config_paths: args.config.config.clone(), compile };
     let proxy = Proxy::new(opts);
     proxy.set_drain_timeout(args.drain_timeout);
     if let Err(e) = proxy.start_identity() {
@@ -469,5 +540,21 @@ impl Signals {
 impl Default for Signals {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downward_api_labels_file() {
+        let text = "app=\"reviews\"\npod-template-hash=\"5c7b\"\nnote=\"say \\\"hi\\\"\\n\"\n\n";
+        let labels = parse_downward_labels(text).unwrap();
+        assert_eq!(labels["app"], "reviews");
+        assert_eq!(labels["pod-template-hash"], "5c7b");
+        assert_eq!(labels["note"], "say \"hi\"\n");
+        assert!(parse_downward_labels("app=reviews\n").unwrap_err().contains("line 1"));
+        assert!(parse_downward_labels("no equals sign\n").is_err());
     }
 }

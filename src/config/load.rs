@@ -112,6 +112,29 @@ pub fn load_str(name: &Path, text: &str, default_namespace: &str) -> LoadedSet {
     loader.finish()
 }
 
+/// Every document of a YAML stream as a plain value, with the same limits
+/// as config files (for tools that rewrite manifests, like `remora inject`).
+/// Empty documents are left out; any problem is returned with its line.
+pub fn parse_values(text: &str) -> Result<Vec<serde_json::Value>, (usize, String)> {
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err((1, too_large(text.len() as u64)));
+    }
+    let mut out = Vec::new();
+    for parsed in parse_stream(text) {
+        match parsed {
+            Parsed::Problem { line, message } => return Err((line, message)),
+            Parsed::Document(root) => {
+                let line = root.line;
+                let v: serde_json::Value = from_node(&root).map_err(|e| (line, e.to_string()))?;
+                if !v.is_null() {
+                    out.push(v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Appends `key` to a field path: `.key` for plain names, `["key"]` for keys
 /// such as header names or labels that contain other characters.
 pub fn push_field(path: &mut String, key: &str) {
