@@ -301,6 +301,10 @@ fn dump_listener(l: &Listener) -> serde_json::Value {
 
 /// One listener and its routes, as `remora validate` prints it.
 fn describe_listener(l: &Listener, out: &mut String) {
+    if matches!(l.kind, ListenerKind::CaptureOutbound | ListenerKind::CaptureInbound) {
+        out.push_str(&format!("  {} ({}; served by original destination, below)\n", l.name, l.kind.as_str()));
+        return;
+    }
     let vhs = l.routes.virtual_hosts();
     let fallback = match l.routes.fallback {
         Fallback::NotFound => "404",

@@ -101,3 +101,36 @@ fn bad_input_fails_with_the_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/manifests.yaml"));
 }
+
+/// The example under `deploy/example`: its injected manifests are what
+/// `remora inject` makes of `apps.yaml` today, and its routing is valid
+/// for a captured sidecar in its namespace.
+#[test]
+fn deploy_example_is_current_and_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/example");
+    let apps = std::fs::read_to_string(dir.join("apps.yaml")).unwrap();
+    let out = inject(&[], &apps);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let injected_path = dir.join("apps.injected.yaml");
+    let got = String::from_utf8(out.stdout).unwrap();
+    if std::env::var("REMORA_UPDATE_GOLDEN").is_ok_and(|v| v == "1") {
+        std::fs::write(&injected_path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(&injected_path).unwrap();
+    assert_eq!(got, want, "deploy/example/apps.injected.yaml is stale: run `remora inject -f apps.yaml`");
+    let ids = support::certs::Ca::new("example root").workload("spiffe://cluster.local/ns/shop/sa/frontend");
+    let id_dir = tempfile::tempdir().unwrap();
+    ids.write(id_dir.path());
+    let out = Command::new(BIN)
+        .args(["validate", "--namespace", "shop", "--capture", "--workload-labels", "app=frontend,version=v1"])
+        .arg("--identity-dir")
+        .arg(id_dir.path())
+        .arg("--config")
+        .arg(dir.join("routing.yaml"))
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{summary}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(summary.contains("beta-users -> outbound|8080|v2|backend.shop.svc.cluster.local"), "{summary}");
+    assert!(summary.contains("(weight 90)") && summary.contains("(weight 10)"), "{summary}");
+}
