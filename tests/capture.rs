@@ -10,7 +10,7 @@
 //! metrics. Non-HTTP TCP passes through, and neither sidecar's own traffic
 //! is captured again.
 //!
-//! Needs root, iproute2, iptables and `setpriv` (util-linux); without them it
+//! Needs root, iproute2, iptables, curl and `setpriv` (util-linux); without them it
 //! says why and skips, unless `REMORA_REQUIRE_NETNS=1` (as `.ci/run` sets).
 
 mod support;
@@ -31,13 +31,14 @@ const NS: &str = "test";
 const HOST: &str = "b.test.svc.cluster.local";
 
 /// Pod A's routing: B's two versions, an A/B rule and a 50/50 split.
-fn config_a(ip_b: IpAddr) -> String {
+fn config_a(ip_b: IpAddr, vip: IpAddr) -> String {
     format!(
         r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: b, namespace: {NS}}}
 spec:
   hosts: [{HOST}]
+  addresses: [{vip}]
   ports: [{{number: 8080, name: http}}]
   resolution: STATIC
   subjectAltNames: ["spiffe://cluster.local/ns/{NS}/sa/b"]
@@ -185,7 +186,7 @@ fn sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
 
 #[test]
 fn two_pods_capture_mtls_routing_and_tcp_passthrough() {
-    if let Some(why) = netns::unavailable(&["ip", "iptables", "iptables-restore", "setpriv"]) {
+    if let Some(why) = netns::unavailable(&["ip", "iptables", "iptables-restore", "setpriv", "curl"]) {
         return netns::skip(TEST, &why);
     }
     let id = std::process::id();
@@ -197,6 +198,8 @@ fn two_pods_capture_mtls_routing_and_tcp_passthrough() {
     let net = 20 + id % 200;
     let (ip_a, ip_b): (IpAddr, IpAddr) =
         (format!("10.{net}.0.1").parse().unwrap(), format!("10.{net}.0.2").parse().unwrap());
+    // The service's address, as a ClusterIP: no pod has it, capture does.
+    let vip: IpAddr = format!("10.{net}.0.200").parse().unwrap();
     let (veth_a, veth_b) = (format!("rma{id}"), format!("rmb{id}"));
     let made = Command::new("ip")
         .args(["link", "add", &veth_a, "netns", &ns_a.0, "type", "veth", "peer", "name", &veth_b, "netns", &ns_b.0])
@@ -229,7 +232,7 @@ fn two_pods_capture_mtls_routing_and_tcp_passthrough() {
     let ca = Ca::new("mesh root");
     let mut a = Pod { ns: ns_a, ip: ip_a, _dir: tempfile::tempdir().unwrap(), _sidecar: None };
     let mut b = Pod { ns: ns_b, ip: ip_b, _dir: tempfile::tempdir().unwrap(), _sidecar: None };
-    a.start_sidecar("a", &ca, &config_a(ip_b));
+    a.start_sidecar("a", &ca, &config_a(ip_b, vip));
     b.start_sidecar("b", &ca, &config_b());
     a.wait_ready();
     b.wait_ready();
@@ -262,6 +265,18 @@ fn two_pods_capture_mtls_routing_and_tcp_passthrough() {
     }
     assert!(seen.get("v1").copied().unwrap_or(0) >= 5 && seen.get("v2").copied().unwrap_or(0) >= 5, "{seen:?}");
 
+    // The service's address routes like its name (Host is the address), and
+    // a real client speaking HTTP/2 with prior knowledge is detected too.
+    let by_vip = a.ns.http_get(SocketAddr::new(vip, 8080), &format!("{vip}:8080"), "/vip", &[("x-user", "beta")]);
+    let (status, body) = by_vip.unwrap();
+    assert_eq!((status, support::echo_json(&body)["version"].as_str()), (200, Some("v2")), "{body}");
+    let url = format!("http://{HOST}:8080/h2");
+    let resolve = format!("{HOST}:8080:{}", b.ip);
+    let curl = a.ns.run("curl", &["-sS", "--http2-prior-knowledge", "--resolve", &resolve, "-H", "x-user: beta", &url]);
+    assert!(curl.status.success(), "curl: {}", String::from_utf8_lossy(&curl.stderr));
+    let v = support::echo_json(&String::from_utf8_lossy(&curl.stdout));
+    assert_eq!(v["version"], "v2", "{v}");
+
     // Non-HTTP TCP passes through both sidecars to B's TCP app.
     let mut s = a.ns.connect(SocketAddr::new(b.ip, 9000)).unwrap();
     s.write_all(b"ping over tcp\n").unwrap();
@@ -291,7 +306,7 @@ fn two_pods_capture_mtls_routing_and_tcp_passthrough() {
             sum(&ma, "istio_tcp_connections_closed_total", &["destination_service_name=\"PassthroughCluster\""]);
         let tcp_b = sum(&mb, "istio_tcp_connections_closed_total", &["reporter=\"destination\""]);
         let sent_b = sum(&mb, "istio_tcp_sent_bytes_total", &["reporter=\"destination\""]);
-        if out == 45.0 && inb == 45.0 && tcp_a == 1.0 && tcp_b == 1.0 && sent_b == 14.0 {
+        if out == 47.0 && inb == 47.0 && tcp_a == 1.0 && tcp_b == 1.0 && sent_b == 14.0 {
             break;
         }
         assert!(
@@ -312,7 +327,7 @@ fn two_pods_capture_mtls_routing_and_tcp_passthrough() {
     let sidecar_a = format!(
         "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: {NS}}}\nspec:\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n"
     );
-    a.write_config(&(config_a(ip_b) + &sidecar_a));
+    a.write_config(&(config_a(ip_b, vip) + &sidecar_a));
     wait_for(&a, &b, "REGISTRY_ONLY to apply", || {
         matches!(a.ns.http_get(app_port, "unknown.example.com", "/", &[]), Ok((502, _)))
     });
