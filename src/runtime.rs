@@ -33,39 +33,74 @@ pub struct RunOptions {
 
 /// The file name pushed resources are reported under.
 pub const PUSHED_SOURCE: &str = "<pushed>";
+/// The file name resources from the control plane are reported under.
+pub const CONTROL_PLANE_SOURCE: &str = "<control-plane>";
 
-/// A pushed resource set (`PUT /config`).
+/// Where config comes from besides the watched files. Each source is a
+/// layer of its own (see [`merge_layers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// `PUT /config` on the admin API.
+    Push,
+    /// The control-plane subscription (`--control-plane`).
+    ControlPlane,
+}
+
+impl Layer {
+    pub fn source(self) -> &'static str {
+        match self {
+            Layer::Push => PUSHED_SOURCE,
+            Layer::ControlPlane => CONTROL_PLANE_SOURCE,
+        }
+    }
+}
+
+/// A resource set from a layer other than the files.
 #[derive(Debug, Clone)]
 pub struct Pushed {
     pub text: String,
-    /// The pusher's version label (`?version=`), shown beside the hash.
+    /// The sender's version label (`?version=`, or the control plane's
+    /// version), shown beside the hash.
     pub label: Option<String>,
     pub set: LoadedSet,
 }
 
-/// Files and the pushed set are separate layers: their resources add up, and
-/// a resource (kind, namespace, name) defined in both is an error.
-pub fn merge_layers(mut files: LoadedSet, pushed: Option<&LoadedSet>) -> LoadedSet {
-    let Some(p) = pushed else { return files };
-    for r in &p.resources {
-        if let Some(f) =
-            files.resources.iter().find(|f| f.kind == r.kind && f.namespace == r.namespace && f.name == r.name)
-        {
-            files.diagnostics.push(r.error(
-                "metadata.name",
-                format!(
-                    "{} is defined both in the files ({}:{}) and in the pushed set; a resource lives in one layer",
-                    r.display_name(),
-                    f.source.file.display(),
-                    f.source.line
-                ),
-            ));
+/// Files, the pushed set and the control plane's set are separate layers:
+/// their resources add up, and a resource (kind, namespace, name) defined in
+/// two layers is an error naming both places.
+pub fn merge_layers(mut files: LoadedSet, layers: &[&LoadedSet]) -> LoadedSet {
+    for layer in layers {
+        for r in &layer.resources {
+            if let Some(f) =
+                files.resources.iter().find(|f| f.kind == r.kind && f.namespace == r.namespace && f.name == r.name)
+            {
+                files.diagnostics.push(r.error(
+                    "metadata.name",
+                    format!(
+                        "{} is defined both in {}:{} and in {}; a resource lives in one layer",
+                        r.display_name(),
+                        f.source.file.display(),
+                        f.source.line,
+                        r.source.file.display(),
+                    ),
+                ));
+            }
         }
+        files.resources.extend(layer.resources.iter().cloned());
+        files.files.extend(layer.files.iter().cloned());
+        files.diagnostics.extend(layer.diagnostics.iter().cloned());
     }
-    files.resources.extend(p.resources.iter().cloned());
-    files.files.extend(p.files.iter().cloned());
-    files.diagnostics.extend(p.diagnostics.iter().cloned());
     files
+}
+
+/// The control-plane subscription as `/config_dump` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct ControlStatus {
+    pub url: String,
+    pub connected: bool,
+    pub connected_since: Option<SystemTime>,
+    /// Why the last stream ended or failed to start.
+    pub last_error: Option<String>,
 }
 
 /// A rejected config set, kept for `/config_dump`.
@@ -80,7 +115,6 @@ pub struct Rejection {
 struct Status {
     last_rejection: Option<Rejection>,
     applied_at: Option<SystemTime>,
-    push_label: Option<String>,
 }
 
 /// What one apply did.
@@ -142,6 +176,12 @@ pub struct Proxy {
     exit: watch::Sender<bool>,
     /// The pushed layer (`PUT /config`), applied on top of the files.
     pushed: Mutex<Option<Pushed>>,
+    /// The control plane's layer (`--control-plane`).
+    subscribed: Mutex<Option<Pushed>>,
+    control: Mutex<Option<ControlStatus>>,
+    /// Set while a proxy that subscribes to a control plane has applied
+    /// nothing from it (nor from its cache): not ready yet.
+    awaiting_control_plane: AtomicBool,
     /// Serialises "read the sources, apply, remember the push" so a file
     /// reload never applies a stale pushed layer.
     sources: tokio::sync::Mutex<()>,
@@ -171,6 +211,9 @@ impl Proxy {
             identity,
             identity_watch: Mutex::new(None),
             pushed: Mutex::new(None),
+            subscribed: Mutex::new(None),
+            control: Mutex::new(None),
+            awaiting_control_plane: AtomicBool::new(false),
             sources: tokio::sync::Mutex::new(()),
             opts,
             status: Mutex::new(Status::default()),
@@ -214,7 +257,7 @@ impl Proxy {
     pub fn readiness(&self) -> Readiness {
         if self.is_draining() {
             Readiness::Draining
-        } else if self.is_configured() {
+        } else if self.is_configured() && !self.awaiting_control_plane.load(Ordering::Acquire) {
             Readiness::Ready
         } else {
             Readiness::NotConfigured
@@ -251,36 +294,58 @@ impl Proxy {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).applied_at
     }
 
-    /// The pushed resource set, as last accepted (`GET /config`).
-    pub fn pushed(&self) -> Option<Pushed> {
-        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    fn layer_slot(&self, layer: Layer) -> &Mutex<Option<Pushed>> {
+        match layer {
+            Layer::Push => &self.pushed,
+            Layer::ControlPlane => &self.subscribed,
+        }
     }
 
-    /// Replaces the pushed layer with `text` (YAML; empty clears it) and
-    /// applies files + push all-or-nothing. The push is kept only if the
-    /// combined set is applied.
+    /// A layer's resource set, as last accepted.
+    pub fn layer(&self, layer: Layer) -> Option<Pushed> {
+        self.layer_slot(layer).lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The pushed resource set, as last accepted (`GET /config`).
+    pub fn pushed(&self) -> Option<Pushed> {
+        self.layer(Layer::Push)
+    }
+
+    /// Replaces the pushed layer (`PUT /config`); see [`Proxy::set_layer`].
     pub async fn push(&self, text: &str, label: Option<String>) -> ApplyOutcome {
+        self.set_layer(Layer::Push, text, label).await
+    }
+
+    /// Replaces one layer with `text` (YAML; empty clears it) and applies
+    /// the files and every layer all-or-nothing. The new layer is kept only
+    /// if the combined set is applied.
+    pub async fn set_layer(&self, which: Layer, text: &str, label: Option<String>) -> ApplyOutcome {
         let _sources = self.sources.lock().await;
         let layer = if text.trim().is_empty() {
             None
         } else {
-            let set = load_str(std::path::Path::new(PUSHED_SOURCE), text, &self.opts.compile.namespace);
+            let set = load_str(std::path::Path::new(which.source()), text, &self.opts.compile.namespace);
             Some(Pushed { text: text.to_string(), label, set })
         };
         let files = match self.load_files().await {
             Ok(set) => set,
             Err(outcome) => return outcome,
         };
-        let outcome = self.apply(merge_layers(files, layer.as_ref().map(|p| &p.set))).await;
+        let others: Vec<Pushed> = [Layer::Push, Layer::ControlPlane]
+            .into_iter()
+            .filter(|l| *l != which)
+            .filter_map(|l| self.layer(l))
+            .collect();
+        let sets: Vec<&LoadedSet> = others.iter().chain(layer.as_ref()).map(|p| &p.set).collect();
+        let outcome = self.apply(merge_layers(files, &sets)).await;
         if matches!(outcome, ApplyOutcome::Applied { .. } | ApplyOutcome::Unchanged { .. }) {
-            let label = layer.as_ref().and_then(|p| p.label.clone());
             tracing::info!(
-                label = label.as_deref().unwrap_or("-"),
+                source = which.source(),
+                label = layer.as_ref().and_then(|p| p.label.as_deref()).unwrap_or("-"),
                 resources = layer.as_ref().map_or(0, |p| p.set.resources.len()),
-                "pushed config accepted"
+                "config layer accepted"
             );
-            *self.pushed.lock().unwrap_or_else(|p| p.into_inner()) = layer;
-            self.status.lock().unwrap_or_else(|p| p.into_inner()).push_label = label;
+            *self.layer_slot(which).lock().unwrap_or_else(|p| p.into_inner()) = layer;
         }
         outcome
     }
@@ -296,7 +361,33 @@ impl Proxy {
 
     /// The label the pusher gave the active pushed set, if any.
     pub fn push_label(&self) -> Option<String> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).push_label.clone()
+        self.layer(Layer::Push).and_then(|p| p.label)
+    }
+
+    /// Holds readiness until the first control-plane set is applied.
+    pub fn await_control_plane(&self) {
+        self.awaiting_control_plane.store(true, Ordering::Release);
+    }
+
+    /// A control-plane set (or the cached one) is applied.
+    pub fn control_plane_applied(&self) {
+        self.awaiting_control_plane.store(false, Ordering::Release);
+    }
+
+    /// The subscription's state, when there is one.
+    pub fn control_status(&self) -> Option<ControlStatus> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Updates the subscription's state.
+    pub fn update_control_status(&self, f: impl FnOnce(&mut ControlStatus)) {
+        let mut c = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        f(c.get_or_insert_with(ControlStatus::default));
+    }
+
+    /// The control plane's version of the active subscribed set, if any.
+    pub fn control_plane_version(&self) -> Option<String> {
+        self.layer(Layer::ControlPlane).and_then(|p| p.label)
     }
 
     /// Re-reads the config paths and applies them (with the pushed layer) if
@@ -307,8 +398,10 @@ impl Proxy {
             Ok(set) => set,
             Err(outcome) => return outcome,
         };
-        let pushed = self.pushed();
-        self.apply(merge_layers(files, pushed.as_ref().map(|p| &p.set))).await
+        let layers: Vec<Pushed> =
+            [Layer::Push, Layer::ControlPlane].into_iter().filter_map(|l| self.layer(l)).collect();
+        let sets: Vec<&LoadedSet> = layers.iter().map(|p| &p.set).collect();
+        self.apply(merge_layers(files, &sets)).await
     }
 
     /// Applies a loaded set all-or-nothing.

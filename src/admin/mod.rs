@@ -350,6 +350,14 @@ pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
             "resources": p.set.resources.len(),
             "hash": p.set.files.first().map(|f| f.hash.clone()),
         })),
+        "control_plane": proxy.control_status().map(|c| json!({
+            "url": c.url,
+            "connected": c.connected,
+            "connected_since_unix": unix_secs(c.connected_since),
+            "last_error": c.last_error,
+            "version": proxy.control_plane_version(),
+            "resources": proxy.layer(crate::runtime::Layer::ControlPlane).map_or(0, |p| p.set.resources.len()),
+        })),
         "identity": identity,
     })
 }

@@ -95,8 +95,18 @@ pub fn render(proxy: &Proxy) -> String {
     );
     let snap = proxy.snapshot();
     family(&mut out, "remora_config_active_info", "gauge", "The active config version.");
-    let label = proxy.push_label().unwrap_or_default().replace('\\', "\\\\").replace('"', "\\\"");
-    let _ = writeln!(out, "remora_config_active_info{{version=\"{}\",push_label=\"{label}\"}} 1", snap.version);
+    let esc = |v: Option<String>| v.unwrap_or_default().replace('\\', "\\\\").replace('"', "\\\"");
+    let label = esc(proxy.push_label());
+    let cp = esc(proxy.control_plane_version());
+    let _ = writeln!(
+        out,
+        "remora_config_active_info{{version=\"{}\",push_label=\"{label}\",control_plane_version=\"{cp}\"}} 1",
+        snap.version
+    );
+    if let Some(c) = proxy.control_status() {
+        family(&mut out, "remora_control_plane_connected", "gauge", "1 while the control-plane stream is up.");
+        let _ = writeln!(out, "remora_control_plane_connected {}", u8::from(c.connected));
+    }
     if let Some(at) = proxy.applied_at().and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
         family(
             &mut out,
