@@ -6,6 +6,7 @@ pub mod authz;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod proxy;
 pub mod route;
 pub mod runtime;

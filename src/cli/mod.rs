@@ -1,5 +1,6 @@
 //! Command-line interface: `run`, `validate`, `split`, `demo`, `wait`, `iptables`.
 
+pub mod control;
 pub mod demo;
 pub mod echo;
 pub mod inject;
@@ -18,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::config::compile::{CompileOptions, compile};
 use crate::config::load::load_paths;
-use crate::runtime::{ApplyOutcome, Proxy, RunOptions};
+use crate::runtime::{ApplyOutcome, Layer, Proxy, RunOptions};
 use crate::telemetry::{LogFormat, init_logging};
 use crate::upstream::Registry;
 
@@ -46,7 +47,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy on Istio resources from files or directories (hot-reloaded).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Parse, validate and compile a config; print a summary or every error.
     Validate(ConfigArgs),
     /// Split local traffic between backends by weight and A/B rules, from flags alone.
@@ -59,13 +60,18 @@ pub enum Command {
     Iptables(iptables::IptablesArgs),
     /// Add the sidecar to Kubernetes manifests (like `istioctl kube-inject`).
     Inject(inject::InjectArgs),
+    /// Serve a directory of Istio resources to subscribed proxies.
+    ControlPlane(control::ControlPlaneArgs),
+    /// Show which proxy runs which version, from a control plane.
+    Status(control::StatusArgs),
 }
 
 /// Flags that decide how a config is judged; shared by `run` and `validate`.
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArgs {
-    /// A YAML file or a directory of them; repeatable.
-    #[arg(long = "config", short = 'c', env = "REMORA_CONFIG", value_delimiter = ',', required = true)]
+    /// A YAML file or a directory of them; repeatable. `run` may go without
+    /// when it subscribes to a control plane.
+    #[arg(long = "config", short = 'c', env = "REMORA_CONFIG", value_delimiter = ',')]
     pub config: Vec<PathBuf>,
     /// Namespace of resources that don't name one, and of this proxy.
     #[arg(long, env = "REMORA_NAMESPACE", default_value = "default")]
@@ -198,6 +204,19 @@ pub struct RunArgs {
     /// text or JSON).
     #[arg(long, env = "REMORA_ACCESS_LOG", value_enum, default_value = "on")]
     pub access_log: Switch,
+    /// Subscribe to a control plane: `http://host:15010`, or `https://...`
+    /// for mTLS with the workload identity. Its resources are a layer over
+    /// the files.
+    #[arg(long, env = "REMORA_CONTROL_PLANE")]
+    pub control_plane: Option<http::Uri>,
+    /// SPIFFE ID an https control plane must present (repeatable); default:
+    /// any workload of the trust domain.
+    #[arg(long, env = "REMORA_CONTROL_PLANE_IDENTITY", value_delimiter = ',')]
+    pub control_plane_identity: Vec<String>,
+    /// Keep the last set from the control plane in this file; a restart with
+    /// the control plane unreachable starts on it.
+    #[arg(long, env = "REMORA_CONFIG_CACHE")]
+    pub config_cache: Option<PathBuf>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -243,7 +262,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
                 Ok(rt) => rt,
                 Err(code) => return code,
             };
-            let code = rt.block_on(run(args));
+            let code = rt.block_on(run(*args));
             rt.shutdown_timeout(RUNTIME_SHUTDOWN);
             code
         }
@@ -252,6 +271,8 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
         Command::Wait(args) => wait::main(args),
         Command::Iptables(args) => iptables::main(args),
         Command::Inject(args) => inject::main(args),
+        Command::ControlPlane(args) => control::control_plane_main(args),
+        Command::Status(args) => control::status_main(args),
     }
 }
 
@@ -271,6 +292,10 @@ pub fn runtime(concurrency: Option<usize>) -> Result<tokio::runtime::Runtime, i3
 }
 
 fn validate(args: &ConfigArgs) -> i32 {
+    if args.config.is_empty() {
+        eprintln!("remora: --config is required");
+        return EXIT_USAGE;
+    }
     let opts = match args.compile_options() {
         Ok(o) => o,
         Err(e) => {
@@ -319,6 +344,16 @@ pub async fn run(args: RunArgs) -> i32 {
         capture = compile.capture.is_some(),
         "remora starting"
     );
+    if args.config.config.is_empty() && args.control_plane.is_none() {
+        eprintln!("remora: --config is required (or --control-plane)");
+        return EXIT_USAGE;
+    }
+    if let Some(url) = &args.control_plane
+        && !matches!(url.scheme_str(), Some("http" | "https"))
+    {
+        eprintln!("remora: --control-plane {url}: use http://host:port or https://host:port");
+        return EXIT_USAGE;
+    }
     let opts = RunOptions { config_paths: args.config.config.clone(), compile };
     let proxy = Proxy::new(opts);
     proxy.set_drain_timeout(args.drain_timeout);
@@ -363,6 +398,22 @@ pub async fn run(args: RunArgs) -> i32 {
             LogFormat::Text => crate::telemetry::access::Format::Text,
         });
     }
+    if args.control_plane.is_some() {
+        // Not ready until the control plane (or the cache) has delivered.
+        proxy.await_control_plane();
+        if let Some(cached) = args.config_cache.as_deref().and_then(crate::control::client::read_cache) {
+            let version = cached.version.clone();
+            match proxy.set_layer(Layer::ControlPlane, &cached.resources, Some(cached.version)).await {
+                ApplyOutcome::Applied { .. } | ApplyOutcome::Unchanged { .. } => {
+                    proxy.control_plane_applied();
+                    tracing::info!(%version, "starting on the cached control-plane config");
+                }
+                ApplyOutcome::Rejected { .. } => {
+                    tracing::warn!(%version, "the cached control-plane config is refused; waiting for the control plane");
+                }
+            }
+        }
+    }
     match proxy.reload_from_files().await {
         ApplyOutcome::Applied { .. } | ApplyOutcome::Unchanged { .. } => {}
         ApplyOutcome::Rejected { errors } => {
@@ -373,6 +424,22 @@ pub async fn run(args: RunArgs) -> i32 {
             return EXIT_USAGE;
         }
     }
+    let _subscription = args.control_plane.clone().map(|url| {
+        let name = std::env::var("POD_NAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "remora".into());
+        crate::control::client::spawn(
+            proxy.clone(),
+            crate::control::client::SubscribeOptions {
+                url,
+                expected_identity: args.control_plane_identity.clone(),
+                cache: args.config_cache.clone(),
+                name,
+            },
+        )
+    });
     let _watch = match crate::config::watch::spawn(proxy.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
