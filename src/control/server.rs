@@ -163,14 +163,15 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// What `proxy` receives now: its version label and YAML.
-    fn render_for(&self, hello: &Hello) -> Option<(String, String)> {
+    /// What `proxy` receives now: the set's version, a hash of this
+    /// proxy's view, and the YAML. The version a proxy is sent is
+    /// `<set version>-<view hash>`; a proxy whose view did not change is
+    /// not sent anything (and keeps its version).
+    fn render_for(&self, hello: &Hello) -> Option<(String, String, String)> {
         let published = self.published.load_full();
         let p = published.as_ref().as_ref()?;
         let text = scope::render(&p.docs, &hello.namespace, &hello.labels);
-        // The set's version and a hash of this proxy's view: a proxy whose
-        // view did not change keeps its version (and is not sent anything).
-        Some((format!("{}-{:08x}", p.version, fnv1a64(text.as_bytes()) as u32), text))
+        Some((p.version.clone(), format!("{:08x}", fnv1a64(text.as_bytes()) as u32), text))
     }
 
     fn update(&self, id: u64, f: impl FnOnce(&mut Subscriber)) {
@@ -491,18 +492,20 @@ async fn subscribe(
     let writer = cp.clone();
     tokio::spawn(async move {
         let mut generation = writer.generation.subscribe();
+        // What the proxy has: the version it says it serves, whose suffix is
+        // the hash of its view.
         let mut last: Option<String> = hello.serving.clone();
+        let view_of = |v: &Option<String>| v.as_deref().and_then(|v| v.rsplit_once('-')).map(|(_, h)| h.to_string());
         loop {
-            if let Some((version, text)) = writer.render_for(&hello)
-                && last.as_deref() != Some(version.as_str())
-            {
-                let msg = encode(&Downstream::Config { version: version.clone(), resources: text });
-                if tx.send(msg).await.is_err() {
-                    break;
+            if let Some((set, hash, text)) = writer.render_for(&hello) {
+                if view_of(&last).as_deref() != Some(hash.as_str()) {
+                    let version = format!("{set}-{hash}");
+                    let msg = encode(&Downstream::Config { version: version.clone(), resources: text });
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                    last = Some(version);
                 }
-                writer.update(id, |s| s.sent = Some(version.clone()));
-                last = Some(version);
-            } else if last.is_some() {
                 writer.update(id, |s| s.sent = last.clone());
             }
             tokio::select! {
