@@ -37,6 +37,8 @@ const PROXY_NAME: &str = "remora-proxy";
 const CONFIG_VOLUME: &str = "remora-config";
 const IDENTITY_VOLUME: &str = "remora-identity";
 const PODINFO_VOLUME: &str = "remora-podinfo";
+const CACHE_VOLUME: &str = "remora-cache";
+const CACHE_DIR: &str = "/var/lib/remora";
 const CONFIG_DIR: &str = "/etc/remora/config";
 const IDENTITY_DIR: &str = "/var/run/secrets/remora/identity";
 const PODINFO_DIR: &str = "/etc/remora/pod";
@@ -66,6 +68,11 @@ pub struct InjectArgs {
     /// no identity, so no mTLS.
     #[arg(long, default_value = "remora-identity-{sa}")]
     pub identity_secret: String,
+    /// Subscribe the proxies to this control plane (`http://...` or
+    /// `https://...`) instead of mounting the ConfigMap; the last set is
+    /// cached in the pod (an emptyDir) across proxy restarts.
+    #[arg(long)]
+    pub control_plane: Option<String>,
     /// Add the proxy as a classic sidecar (the first container, holding the
     /// app until it is ready) for clusters without native sidecars (before
     /// Kubernetes 1.29).
@@ -244,7 +251,10 @@ fn inject_pod(template: &mut Value, workload: &str, args: &InjectArgs) -> Result
     let init = init_container(args, annotations.as_ref());
     let proxy = proxy_container(args, workload, native, identity.is_some(), annotations.as_ref());
     let mut volumes = vec![
-        json!({"name": CONFIG_VOLUME, "configMap": {"name": args.config_map}}),
+        match &args.control_plane {
+            Some(_) => json!({"name": CACHE_VOLUME, "emptyDir": {}}),
+            None => json!({"name": CONFIG_VOLUME, "configMap": {"name": args.config_map}}),
+        },
         json!({"name": PODINFO_VOLUME, "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}),
     ];
     if let Some(secret) = &identity {
@@ -352,11 +362,18 @@ fn proxy_container(
     annotations: Option<&Map<String, Value>>,
 ) -> Value {
     let ann = |k: &str| text_of(annotations, &format!("sidecar.istio.io/{k}"));
-    let mut run: Vec<&str> = vec!["run", "--capture", "--config", CONFIG_DIR];
-    let mut mounts = vec![
-        json!({"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": true}),
-        json!({"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": true}),
-    ];
+    let cache_file = format!("{CACHE_DIR}/control-plane.json");
+    let (mut run, mut mounts): (Vec<&str>, _) = match &args.control_plane {
+        Some(url) => (
+            vec!["run", "--capture", "--control-plane", url, "--config-cache", &cache_file],
+            vec![json!({"name": CACHE_VOLUME, "mountPath": CACHE_DIR})],
+        ),
+        None => (
+            vec!["run", "--capture", "--config", CONFIG_DIR],
+            vec![json!({"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": true})],
+        ),
+    };
+    mounts.push(json!({"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": true}));
     if identity {
         run.extend(["--identity-dir", IDENTITY_DIR]);
         mounts.push(json!({"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": true}));
