@@ -68,6 +68,11 @@ fn output_matches_the_golden_files_and_is_idempotent() {
             "",
         ],
     );
+    check(
+        "deployment-control-plane",
+        "deployment",
+        &["--control-plane", "https://remora-control-plane.mesh-system.svc:15012"],
+    );
     check("kinds", "kinds", &[]);
     check("list", "list", &[]);
     check("options", "options", &[]);
@@ -133,4 +138,30 @@ fn deploy_example_is_current_and_valid() {
     assert!(out.status.success(), "{summary}{}", String::from_utf8_lossy(&out.stderr));
     assert!(summary.contains("beta-users -> outbound|8080|v2|backend.shop.svc.cluster.local"), "{summary}");
     assert!(summary.contains("(weight 90)") && summary.contains("(weight 10)"), "{summary}");
+}
+
+/// `deploy/control-plane`: the control plane accepts its mesh, which is the
+/// example's routing with the namespace written out.
+#[test]
+fn deploy_control_plane_serves_the_example_routing() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mesh = std::fs::read_to_string(root.join("control-plane/mesh.yaml")).unwrap();
+    let routing = std::fs::read_to_string(root.join("example/routing.yaml")).unwrap();
+    let mut want = remora::config::load::parse_values(&routing).unwrap();
+    for v in &mut want {
+        v["metadata"]["namespace"] = serde_json::Value::String("shop".into());
+    }
+    assert_eq!(
+        remora::config::load::parse_values(&mesh).unwrap(),
+        want,
+        "control-plane/mesh.yaml drifted from example/routing.yaml"
+    );
+    let cp = remora::control::server::ControlPlane::new(remora::control::server::ServerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        config: vec![root.join("control-plane/mesh.yaml")],
+        namespace: "mesh-system".into(),
+        identity_dir: None,
+        trust_domain: "cluster.local".into(),
+    });
+    assert!(cp.is_ok(), "{:?}", cp.err());
 }

@@ -7,8 +7,10 @@
 #
 # Each certificate carries the workload's SPIFFE ID
 # (spiffe://cluster.local/ns/NAMESPACE/sa/SERVICE_ACCOUNT) and lasts 90 days.
-# For production, issue them from your own CA (cert-manager, Vault, SPIRE)
-# into Secrets of the same shape; remora reloads rotated files by itself.
+# With CA_DIR set, the CA is kept there (made on first use) so that several
+# runs (namespaces) share one trust root, as a control plane and its proxies
+# must. For production, issue them from your own CA (cert-manager, Vault,
+# SPIRE) into Secrets of the same shape; remora reloads rotated files itself.
 set -euo pipefail
 ns="${1:?usage: $0 NAMESPACE [SERVICE_ACCOUNT...]}"
 shift
@@ -17,9 +19,12 @@ accounts=("$@")
 trust_domain="${TRUST_DOMAIN:-cluster.local}"
 dir="$(mktemp -d)"
 trap 'rm -rf "$dir"' EXIT
-
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 \
-  -subj "/O=remora mesh/CN=root" -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+ca="${CA_DIR:-$dir}"
+mkdir -p "$ca"
+if [ ! -s "$ca/ca.pem" ] || [ ! -s "$ca/ca.key" ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 \
+    -subj "/O=remora mesh/CN=root" -keyout "$ca/ca.key" -out "$ca/ca.pem" 2>/dev/null
+fi
 
 b64() { base64 < "$1" | tr -d '\n'; }
 for sa in "${accounts[@]}"; do
@@ -28,7 +33,7 @@ for sa in "${accounts[@]}"; do
     -keyout "$dir/$sa.key" -out "$dir/$sa.csr" 2>/dev/null
   printf 'subjectAltName=critical,URI:%s\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=critical,CA:FALSE\n' \
     "$id" > "$dir/$sa.ext"
-  openssl x509 -req -in "$dir/$sa.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+  openssl x509 -req -in "$dir/$sa.csr" -CA "$ca/ca.pem" -CAkey "$ca/ca.key" -CAserial "$dir/ca.srl" -CAcreateserial \
     -days 90 -extfile "$dir/$sa.ext" -out "$dir/$sa.pem" 2>/dev/null
   cat <<YAML
 ---
@@ -41,6 +46,6 @@ type: Opaque
 data:
   cert-chain.pem: $(b64 "$dir/$sa.pem")
   key.pem: $(b64 "$dir/$sa.key")
-  root-cert.pem: $(b64 "$dir/ca.pem")
+  root-cert.pem: $(b64 "$ca/ca.pem")
 YAML
 done
