@@ -78,7 +78,11 @@ async fn push_applies_reports_errors_and_layers_over_files() {
     // A resource defined both in the files and in the push is an error.
     let (status, j) = put(&c, p.admin, "", destination_rule("svc", "svc.test", &["v1"], None)).await;
     assert_eq!(status, 400);
-    assert!(j.to_string().contains("defined both in the files"), "{j}");
+    let text = j.to_string();
+    assert!(
+        text.contains("is defined both in") && text.contains("config.yaml:") && text.contains("and in <pushed>"),
+        "{j}"
+    );
 
     // A file change keeps the pushed layer.
     p.write(&format!("{}# edited\n", files(port, v1, v2)));
