@@ -139,6 +139,45 @@ async fn version_now(c: &reqwest::Client, url: &str) -> Option<String> {
     Some(version_of(&r.text().await.ok()?))
 }
 
+/// Waits until the gateway at `url` serves `want`.
+async fn wait_serving(c: &reqwest::Client, url: &str, want: &str, what: &str) {
+    wait_until(Duration::from_secs(10), what, || async move { version_now(c, url).await.as_deref() == Some(want) })
+        .await;
+}
+
+/// A control plane serving the mesh routed to v1, and an in-process proxy
+/// subscribed to it and serving that.
+struct Mesh {
+    cp: Cp,
+    proxy: Arc<Proxy>,
+    c: reqwest::Client,
+    url: String,
+    port: u16,
+    v1: SocketAddr,
+    v2: SocketAddr,
+}
+
+impl Mesh {
+    async fn start() -> Mesh {
+        let (v1, v2) = (echo("v1").await, echo("v2").await);
+        let port = free_port();
+        let cp = Cp::start(&mesh(port, v1, v2, "v1")).await;
+        let (proxy, _admin) = subscribed(cp.url(), "default", None).await;
+        let (c, url) = (client(), format!("http://127.0.0.1:{port}/"));
+        wait_serving(&c, &url, "v1", "the proxy to apply the first set").await;
+        Mesh { cp, proxy, c, url, port, v1, v2 }
+    }
+
+    /// Routes the mesh to `subset`, plus `extra` YAML.
+    fn route_to(&self, subset: &str, extra: &str) {
+        self.cp.write(&(mesh(self.port, self.v1, self.v2, subset) + extra));
+    }
+
+    async fn serving(&self) -> Option<String> {
+        version_now(&self.c, &self.url).await
+    }
+}
+
 /// The status `url` answers, or 0 when nothing does.
 async fn status_of(c: &reqwest::Client, url: &str) -> u16 {
     c.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
@@ -146,17 +185,8 @@ async fn status_of(c: &reqwest::Client, url: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_reaches_a_proxy_under_load_with_no_failed_request() {
-    let (v1, v2) = (echo("v1").await, echo("v2").await);
-    let port = free_port();
-    let cp = Cp::start(&mesh(port, v1, v2, "v1")).await;
-    let (proxy, _admin) = subscribed(cp.url(), "default", None).await;
-    let c = client();
-    let url = format!("http://127.0.0.1:{port}/");
-    wait_until(Duration::from_secs(10), "the proxy to apply the first set", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { version_now(&c, &url).await.as_deref() == Some("v1") }
-    })
-    .await;
+    let m = Mesh::start().await;
+    let (cp, proxy, c, url) = (&m.cp, &m.proxy, &m.c, &m.url);
     assert!(proxy.is_ready());
     wait_until(Duration::from_secs(5), "the ack", || async { cp.proxies()["proxies"][0]["synced"] == true }).await;
 
@@ -179,12 +209,8 @@ async fn a_change_reaches_a_proxy_under_load_with_no_failed_request() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let changed_at = tokio::time::Instant::now();
-    cp.write(&mesh(port, v1, v2, "v2"));
-    wait_until(Duration::from_secs(5), "the change to reach the proxy", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { version_now(&c, &url).await.as_deref() == Some("v2") }
-    })
-    .await;
+    m.route_to("v2", "");
+    wait_serving(c, url, "v2", "the change to reach the proxy").await;
     let took = changed_at.elapsed();
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
@@ -193,35 +219,26 @@ async fn a_change_reaches_a_proxy_under_load_with_no_failed_request() {
     assert!(ok.load(Ordering::Relaxed) > 50, "too little load: {}", ok.load(Ordering::Relaxed));
     assert!(took < Duration::from_secs(2), "the change took {took:?}");
     // The proxy's status shows what it runs.
-    let dump: serde_json::Value = serde_json::from_str(&remora::admin::config_dump(&proxy).to_string()).unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&remora::admin::config_dump(proxy).to_string()).unwrap();
     assert_eq!(dump["control_plane"]["connected"], true, "{dump}");
     assert_eq!(dump["control_plane"]["version"], cp.proxies()["proxies"][0]["acked"], "{dump}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_set_is_refused_centrally_and_a_proxy_refusal_is_reported() {
-    let (v1, v2) = (echo("v1").await, echo("v2").await);
-    let port = free_port();
-    let cp = Cp::start(&mesh(port, v1, v2, "v1")).await;
-    let (_proxy, _admin) = subscribed(cp.url(), "default", None).await;
-    let c = client();
-    let url = format!("http://127.0.0.1:{port}/");
-    wait_until(Duration::from_secs(10), "the first set", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { version_now(&c, &url).await.as_deref() == Some("v1") }
-    })
-    .await;
+    let m = Mesh::start().await;
+    let cp = &m.cp;
     wait_until(Duration::from_secs(5), "the ack", || async { cp.proxies()["proxies"][0]["synced"] == true }).await;
     let acked = cp.proxies()["proxies"][0]["acked"].clone();
 
     // A route to an undefined subset: refused at the control plane.
-    cp.write(&mesh(port, v1, v2, "v9"));
+    m.route_to("v9", "");
     wait_until(Duration::from_secs(5), "the refusal", || async { cp.cp().status_json()["refused"].is_object() }).await;
     let status = cp.cp().status_json();
     assert!(status["refused"]["errors"].to_string().contains("subset v9"), "{status}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(cp.proxies()["proxies"][0]["acked"], acked, "no proxy was sent the invalid set");
-    assert_eq!(version_now(&c, &url).await.as_deref(), Some("v1"));
+    assert_eq!(m.serving().await.as_deref(), Some("v1"));
 
     // A set only the proxy can refuse: a gateway port someone else holds.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -229,14 +246,14 @@ async fn an_invalid_set_is_refused_centrally_and_a_proxy_refusal_is_reported() {
     let extra = format!(
         "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: busy}}\nspec:\n  servers:\n  - port: {{number: {busy}, name: http, protocol: HTTP}}\n    bind: 127.0.0.1\n    hosts: [\"*\"]\n"
     );
-    cp.write(&(mesh(port, v1, v2, "v2") + &extra));
+    m.route_to("v2", &extra);
     wait_until(Duration::from_secs(5), "the nack", || async { cp.proxies()["proxies"][0]["last_nack"].is_object() })
         .await;
     let p = &cp.proxies()["proxies"][0];
     assert!(p["last_nack"]["errors"].to_string().contains("cannot listen"), "{p}");
     assert_eq!(p["synced"], false);
     assert_eq!(p["acked"], acked);
-    assert_eq!(version_now(&c, &url).await.as_deref(), Some("v1"), "the proxy keeps its last good set");
+    assert_eq!(m.serving().await.as_deref(), Some("v1"), "the proxy keeps its last good set");
     // `remora status` shows it.
     let out = std::process::Command::new(BIN)
         .args(["status", "--control-plane", &format!("http://{}", cp.addr())])
@@ -250,36 +267,23 @@ async fn an_invalid_set_is_refused_centrally_and_a_proxy_refusal_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_keep_serving_through_a_control_plane_restart_and_resubscribe() {
-    let (v1, v2) = (echo("v1").await, echo("v2").await);
-    let port = free_port();
-    let mut cp = Cp::start(&mesh(port, v1, v2, "v1")).await;
-    let (proxy, _admin) = subscribed(cp.url(), "default", None).await;
-    let c = client();
-    let url = format!("http://127.0.0.1:{port}/");
-    wait_until(Duration::from_secs(10), "the first set", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { version_now(&c, &url).await.as_deref() == Some("v1") }
-    })
-    .await;
-    let addr = cp.addr();
-    cp.handle.take().unwrap().stop();
+    let mut m = Mesh::start().await;
+    let proxy = m.proxy.clone();
+    let addr = m.cp.addr();
+    m.cp.handle.take().unwrap().stop();
     wait_until(Duration::from_secs(5), "the proxy to notice", || async {
         proxy.control_status().is_some_and(|s| !s.connected)
     })
     .await;
     for _ in 0..20 {
-        assert_eq!(version_now(&c, &url).await.as_deref(), Some("v1"), "serving while the control plane is down");
+        assert_eq!(m.serving().await.as_deref(), Some("v1"), "serving while the control plane is down");
     }
     assert!(proxy.is_ready(), "still ready: it has a good set");
     // Back, on the same address, with a change.
-    cp.write(&mesh(port, v1, v2, "v2"));
-    cp.handle = Some(Cp::serve(cp.dir.path(), addr, None).await);
-    wait_until(Duration::from_secs(10), "the proxy to resubscribe and apply", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { version_now(&c, &url).await.as_deref() == Some("v2") }
-    })
-    .await;
-    assert_eq!(cp.proxies()["proxies"].as_array().unwrap().len(), 1);
+    m.route_to("v2", "");
+    m.cp.handle = Some(Cp::serve(m.cp.dir.path(), addr, None).await);
+    wait_serving(&m.c, &m.url, "v2", "the proxy to resubscribe and apply").await;
+    assert_eq!(m.cp.proxies()["proxies"].as_array().unwrap().len(), 1);
 }
 
 /// A `remora run` process subscribed with a cache file.
@@ -309,11 +313,7 @@ async fn a_proxy_restarted_with_the_control_plane_down_serves_from_its_cache() {
     let url = format!("http://127.0.0.1:{port}/");
     let ready = format!("http://127.0.0.1:{health}/healthz/ready");
     let mut first = support::netns::Child(run_proxy(&format!("http://{}", cp.addr()), &cache, admin, health, metrics));
-    wait_until(Duration::from_secs(15), "the proxy to apply the control plane's set", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { version_now(&c, &url).await.as_deref() == Some("v2") }
-    })
-    .await;
+    wait_serving(&c, &url, "v2", "the proxy to apply the control plane's set").await;
     assert_eq!(status_of(&c, &ready).await, 200);
     wait_until(Duration::from_secs(5), "the cache", || async { cache.exists() }).await;
     let _ = first.0.kill();
@@ -324,11 +324,7 @@ async fn a_proxy_restarted_with_the_control_plane_down_serves_from_its_cache() {
 
     // Restarted with the control plane gone: the cached set serves.
     let _second = support::netns::Child(run_proxy(&format!("http://{gone}"), &cache, admin, health, metrics));
-    wait_until(Duration::from_secs(15), "the restarted proxy to serve", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { version_now(&c, &url).await.as_deref() == Some("v2") }
-    })
-    .await;
+    wait_serving(&c, &url, "v2", "the restarted proxy to serve").await;
     assert_eq!(status_of(&c, &ready).await, 200, "ready on the cached set");
     let dump: serde_json::Value =
         serde_json::from_str(&get(&c, &format!("http://127.0.0.1:{admin}/config_dump"), &[]).await.1).unwrap();
