@@ -115,6 +115,8 @@ pub struct Rejection {
 struct Status {
     last_rejection: Option<Rejection>,
     applied_at: Option<SystemTime>,
+    /// How long the last applied set took from loaded to serving.
+    apply_duration: Option<Duration>,
 }
 
 /// What one apply did.
@@ -160,7 +162,7 @@ pub const INBOUND_KINDS: &[ListenerKind] =
 pub struct Proxy {
     pub state: Arc<ProxyState>,
     pub listeners: ListenerManager,
-    registry: Registry,
+    registry: Arc<Registry>,
     opts: RunOptions,
     status: Mutex<Status>,
     ready: AtomicBool,
@@ -207,7 +209,7 @@ impl Proxy {
         Arc::new(Proxy {
             listeners: ListenerManager::new(state.clone()),
             state,
-            registry,
+            registry: Arc::new(registry),
             identity,
             identity_watch: Mutex::new(None),
             pushed: Mutex::new(None),
@@ -288,6 +290,11 @@ impl Proxy {
 
     pub fn last_rejection(&self) -> Option<Rejection> {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).last_rejection.clone()
+    }
+
+    /// How long the last applied set took to compile, bind and swap in.
+    pub fn apply_duration(&self) -> Option<Duration> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).apply_duration
     }
 
     pub fn applied_at(&self) -> Option<SystemTime> {
@@ -423,9 +430,18 @@ impl Proxy {
         {
             return ApplyOutcome::Rejected { errors: Vec::new() };
         }
-        let snapshot = match compile(&set, &self.opts.compile, &self.registry) {
-            Ok(s) => s,
-            Err(diags) => return self.reject(version, diags),
+        let started = Instant::now();
+        // Compiling a large set takes a while: off the workers that carry
+        // traffic (the set and its result move to the blocking pool and back).
+        let (opts, registry) = (self.opts.compile.clone(), self.registry.clone());
+        let compiled = tokio::task::spawn_blocking(move || compile(&set, &opts, &registry)).await;
+        let snapshot = match compiled {
+            Ok(Ok(s)) => s,
+            Ok(Err(diags)) => return self.reject(version, diags),
+            Err(e) => {
+                let d = Diagnostic::global(crate::config::Severity::Error, format!("config compiler failed: {e}"));
+                return self.reject(version, vec![d]);
+            }
         };
         let wanted: Vec<_> = snapshot.listeners.iter().map(|l| l.addr).collect();
         let prepared = match self.listeners.prepare(&wanted).await {
@@ -446,15 +462,19 @@ impl Proxy {
         }
         let warnings = snapshot.warnings.len();
         let version = snapshot.version.clone();
-        self.state.snapshot.store(Arc::new(snapshot));
+        let old = self.state.snapshot.swap(Arc::new(snapshot));
         self.listeners.commit(prepared);
+        // The old snapshot may be large and the last reference: free it off
+        // the workers too.
+        tokio::task::spawn_blocking(move || drop(old));
         {
             let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
             st.applied_at = Some(SystemTime::now());
+            st.apply_duration = Some(started.elapsed());
         }
         self.reloads_applied.fetch_add(1, Ordering::Relaxed);
         self.ready.store(true, Ordering::Release);
-        tracing::info!(%version, warnings, "config applied");
+        tracing::info!(%version, warnings, took = ?started.elapsed(), "config applied");
         ApplyOutcome::Applied { version, warnings }
     }
 

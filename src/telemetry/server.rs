@@ -103,6 +103,15 @@ pub fn render(proxy: &Proxy) -> String {
         "remora_config_active_info{{version=\"{}\",push_label=\"{label}\",control_plane_version=\"{cp}\"}} 1",
         snap.version
     );
+    if let Some(d) = proxy.apply_duration() {
+        family(
+            &mut out,
+            "remora_config_last_apply_duration_seconds",
+            "gauge",
+            "How long the active config took to compile, bind and swap in.",
+        );
+        let _ = writeln!(out, "remora_config_last_apply_duration_seconds {:.6}", d.as_secs_f64());
+    }
     if let Some(c) = proxy.control_status() {
         family(&mut out, "remora_control_plane_connected", "gauge", "1 while the control-plane stream is up.");
         let _ = writeln!(out, "remora_control_plane_connected {}", u8::from(c.connected));
