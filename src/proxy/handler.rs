@@ -39,6 +39,7 @@ const X_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-pa
 const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Bound on cached passthrough endpoints (ALLOW_ANY destinations).
 const MAX_PASSTHROUGH_ENDPOINTS: usize = 1024;
@@ -232,10 +233,8 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     // Generated here (not only upstream) so the access log carries it.
-    if !parts.headers.contains_key(X_REQUEST_ID)
-        && let Ok(v) = HeaderValue::from_str(&uuid_v4())
-    {
-        parts.headers.insert(X_REQUEST_ID, v);
+    if !parts.headers.contains_key(X_REQUEST_ID) {
+        parts.headers.insert(X_REQUEST_ID, request_id());
     }
     let grpc = is_grpc(&parts.headers);
     let log = access::enabled().then(|| access::Entry {
@@ -295,7 +294,7 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
     }
     finish.status = resp.status().as_u16();
     finish.response_head = head_bytes(resp.headers()) + 17;
-    finish.grpc_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    finish.grpc_status = resp.headers().get(GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let (rparts, rbody) = resp.into_parts();
     let body = body::boxed(body::Finished::new(rbody, move |bytes, completed| {
         let mut f = finish;
@@ -510,9 +509,7 @@ async fn forward(
     }
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers, switching);
-    if let Ok(v) = HeaderValue::from_str(&elapsed.as_millis().to_string()) {
-        rparts.headers.insert(X_SERVICE_TIME, v);
-    }
+    rparts.headers.insert(X_SERVICE_TIME, HeaderValue::from(elapsed.as_millis() as u64));
     route.response_headers.apply(&mut rparts.headers);
     dest.response_headers.apply(&mut rparts.headers);
     if let Some(cookie) = set_cookie {
@@ -643,6 +640,22 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
 /// named in `Connection`. An upgrade keeps `Connection: upgrade` and `Upgrade`.
 /// `te: trailers` is kept: gRPC over HTTP/2 requires it.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass over the names, without hashing: most messages carry none of
+    // these, and removing absent headers one by one costs a lookup each.
+    let hop = headers.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::TE
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || *n == KEEP_ALIVE
+            || *n == PROXY_CONNECTION
+    });
+    if !hop {
+        if upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -698,19 +711,36 @@ fn prepare_request_headers(headers: &mut HeaderMap, conn: &ConnInfo, kind: Liste
         let proto = if scheme == "https" { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !headers.contains_key(X_REQUEST_ID)
-        && let Ok(v) = HeaderValue::from_str(&uuid_v4())
-    {
-        headers.insert(X_REQUEST_ID, v);
+    if !headers.contains_key(X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID, request_id());
     }
+}
+
+/// A random (version 4) UUID, as text (`8-4-4-4-12` hex digits).
+fn uuid_v4_bytes() -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let r = fastrand::u128(..);
+    let r = (r & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let mut out = [b'-'; 36];
+    let mut j = 0;
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            j += 1;
+        }
+        out[j] = HEX[((r >> (124 - 4 * i)) & 0xf) as usize];
+        j += 1;
+    }
+    out
 }
 
 /// A random (version 4) UUID.
 pub fn uuid_v4() -> String {
-    let r = fastrand::u128(..);
-    let r = (r & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let h = format!("{r:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    String::from_utf8_lossy(&uuid_v4_bytes()).into_owned()
+}
+
+/// A fresh `x-request-id` value (a UUID), made without going through a String.
+fn request_id() -> HeaderValue {
+    HeaderValue::from_bytes(&uuid_v4_bytes()).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Where a request goes upstream: authority (Host) and path after rewrites.
@@ -1133,9 +1163,7 @@ async fn passthrough(
     }
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers, switching);
-    if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
-        rparts.headers.insert(X_SERVICE_TIME, v);
-    }
+    rparts.headers.insert(X_SERVICE_TIME, HeaderValue::from(started.elapsed().as_millis() as u64));
     let release = (guard, stream);
     Ok(Response::from_parts(rparts, body::boxed(OnDone::new(rbody, move || drop(release)))))
 }

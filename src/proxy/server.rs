@@ -61,11 +61,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The server settings shared by every connection.
 pub fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS);
+    b.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEADER_BYTES);
+    // MAX_HEADERS is hyper's own default limit; setting it explicitly would
+    // make hyper size a header array on the heap for every request.
+    const _: () = assert!(MAX_HEADERS == 100);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_H2_HEADER_LIST)

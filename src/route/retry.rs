@@ -5,6 +5,11 @@
 use std::time::Duration;
 
 use http::HeaderMap;
+use http::header::HeaderName;
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+const X_ENVOY_RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
 
 use crate::config::model::HttpRetry;
 
@@ -164,10 +169,10 @@ impl RetryPolicy {
             // A per-try timeout is a 504 with no response.
             Attempt::PerTryTimeout => self.has(on::FIVE_XX | on::GATEWAY_ERROR | on::RESET),
             Attempt::Response { status, headers } => {
-                if headers.contains_key("x-envoy-overloaded") {
+                if headers.contains_key(X_ENVOY_OVERLOADED) {
                     return false;
                 }
-                if headers.contains_key("x-envoy-ratelimited") {
+                if headers.contains_key(X_ENVOY_RATELIMITED) {
                     return self.has(on::ENVOY_RATELIMITED);
                 }
                 if self.has(on::FIVE_XX) && (500..600).contains(&status) {
@@ -183,7 +188,7 @@ impl RetryPolicy {
                     return true;
                 }
                 // gRPC status in the response headers (trailers-only responses).
-                let grpc = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok());
+                let grpc = headers.get(GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok());
                 match grpc {
                     Some(1) => self.has(on::GRPC_CANCELLED),
                     Some(4) => self.has(on::GRPC_DEADLINE_EXCEEDED),
