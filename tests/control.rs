@@ -294,7 +294,7 @@ fn run_proxy(url: &str, cache: &Path, admin: u16, health: u16, metrics: u16) -> 
         .args(["--admin", &format!("127.0.0.1:{admin}")])
         .args(["--health", &format!("127.0.0.1:{health}")])
         .args(["--metrics", &format!("127.0.0.1:{metrics}")])
-        .args(["--access-log", "off", "--drain-timeout", "1s"])
+        .args(["--access-log", "off", "--drain-timeout", "1s", "--concurrency", "1"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

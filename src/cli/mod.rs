@@ -277,14 +277,21 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
 }
 
 pub fn runtime(concurrency: Option<usize>) -> Result<tokio::runtime::Runtime, i32> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = concurrency {
-        if n == 0 {
+    let mut b = match concurrency {
+        Some(0) => {
             eprintln!("remora: --concurrency must be at least 1");
             return Err(EXIT_USAGE);
         }
-        b.worker_threads(n);
-    }
+        // One worker: the single-threaded scheduler, without work-stealing's
+        // cross-thread bookkeeping (the blocking pool still takes compiles).
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().build().map_err(|e| {
         eprintln!("remora: cannot start the runtime: {e}");
         1
