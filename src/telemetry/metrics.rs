@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -266,7 +266,7 @@ pub struct Destination {
 /// destination keeps its counters.
 pub struct Metrics {
     workload: Workload,
-    targets: Mutex<HashMap<(Reporter, Destination), Weak<Target>>>,
+    targets: Mutex<crate::weak::WeakMap<(Reporter, Destination), Target>>,
     special: OnceLock<[Arc<Target>; 5]>,
 }
 
@@ -293,7 +293,7 @@ pub enum Special {
 
 impl Metrics {
     pub fn new(workload: Workload) -> Arc<Self> {
-        Arc::new(Metrics { workload, targets: Mutex::new(HashMap::new()), special: OnceLock::new() })
+        Arc::new(Metrics { workload, targets: Mutex::new(crate::weak::WeakMap::default()), special: OnceLock::new() })
     }
 
     /// The target for requests this proxy sends to `dest` (or, as
@@ -301,12 +301,11 @@ impl Metrics {
     pub fn target(&self, reporter: Reporter, dest: Destination) -> Arc<Target> {
         let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
         let key = (reporter, dest);
-        if let Some(t) = targets.get(&key).and_then(Weak::upgrade) {
+        if let Some(t) = targets.get(&key) {
             return t;
         }
-        targets.retain(|_, w| w.strong_count() > 0);
         let t = Arc::new(self.build(reporter, &key.1));
-        targets.insert(key, Arc::downgrade(&t));
+        targets.insert(key, &t);
         t
     }
 
@@ -428,7 +427,7 @@ impl Metrics {
     pub fn render(&self, out: &mut String) {
         let live: Vec<Arc<Target>> = {
             let targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-            targets.values().filter_map(Weak::upgrade).collect()
+            targets.values().collect()
         };
         let mut f = Families::default();
         for t in live.iter().chain(self.special.get().into_iter().flatten()) {

@@ -245,7 +245,7 @@ impl ClusterState {
 type StateKey = (ClusterKey, PoolSettings, Option<OutlierConfig>, crate::tls::UpstreamTls);
 
 pub struct Registry {
-    states: Mutex<HashMap<StateKey, Weak<ClusterState>>>,
+    states: Mutex<crate::weak::WeakMap<StateKey, ClusterState>>,
     metrics: Arc<metrics::Metrics>,
     identity: Option<Arc<crate::tls::IdentityStore>>,
 }
@@ -277,7 +277,7 @@ impl Registry {
 
     /// A registry whose clusters report into `metrics`.
     pub fn with_metrics(metrics: Arc<metrics::Metrics>) -> Self {
-        Registry { states: Mutex::new(HashMap::new()), metrics, identity: None }
+        Registry { states: Mutex::new(crate::weak::WeakMap::default()), metrics, identity: None }
     }
 
     /// Clusters with mTLS present this workload identity.
@@ -319,10 +319,9 @@ impl Registry {
         let state = {
             let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
             let id = (spec.key.clone(), spec.settings, spec.outlier, spec.tls.clone());
-            match states.get(&id).and_then(Weak::upgrade) {
+            match states.get(&id) {
                 Some(s) => s,
                 None => {
-                    states.retain(|_, w| w.strong_count() > 0);
                     let detector = spec.outlier.map(outlier::Detector::new);
                     let s = Arc::new(ClusterState {
                         shared: ClusterShared::new(spec.settings, detector, self.connector(&spec)),
@@ -334,7 +333,7 @@ impl Registry {
                             st.live_endpoints().into_iter().map(|e| e as Arc<dyn outlier::Monitored>).collect()
                         });
                     }
-                    states.insert(id, Arc::downgrade(&s));
+                    states.insert(id, &s);
                     s
                 }
             }
