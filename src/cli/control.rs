@@ -10,7 +10,6 @@ use http::{Request, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 
 use super::{EXIT_USAGE, LogArgs, Signals, runtime};
 use crate::control::server::{ControlPlane, ServerOptions, serve};
@@ -120,29 +119,23 @@ pub fn status_main(args: StatusArgs) -> i32 {
 }
 
 async fn fetch_proxies(args: &StatusArgs) -> Result<serde_json::Value, String> {
-    let url = &args.control_plane;
-    let https = url.scheme_str() == Some("https");
-    let host = url.host().ok_or("the URL has no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connect: {e}"))?;
-    let io: crate::upstream::pool::BoxIo = if https {
-        let dir = args.identity_dir.as_ref().ok_or("an https control plane needs --identity-dir")?;
-        let store = crate::tls::IdentityStore::new();
-        store
-            .install(crate::tls::Identity::load(dir, &args.trust_domain).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-        let cfg = store.client_config(Vec::new(), args.trust_domain.clone(), true);
-        let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-        Box::new(tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?)
-    } else {
-        Box::new(tcp)
+    let tls = match (&args.identity_dir, args.control_plane.scheme_str()) {
+        (Some(dir), Some("https")) => {
+            let store = crate::tls::IdentityStore::new();
+            let id = crate::tls::Identity::load(dir, &args.trust_domain).map_err(|e| e.to_string())?;
+            store.install(id).map_err(|e| e.to_string())?;
+            Some(store.client_config(Vec::new(), args.trust_domain.clone(), true))
+        }
+        _ => None,
     };
+    let (io, base) = crate::control::client::dial(&args.control_plane, tls).await?;
     let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(conn);
-    let uri = format!("{}://{host}:{port}{}", if https { "https" } else { "http" }, crate::control::PROXIES_PATH);
-    let req = Request::get(uri).body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+    let req = Request::get(format!("{base}{}", crate::control::PROXIES_PATH))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();

@@ -112,6 +112,33 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Connects to a control plane: TCP, then TLS with `tls` for `https://`
+/// URLs. Returns the stream and the URL's `scheme://host:port` for request
+/// URIs.
+pub async fn dial(url: &Uri, tls: Option<Arc<rustls::ClientConfig>>) -> Result<(BoxIo, String), String> {
+    let host = url.host().ok_or("the control-plane URL has no host")?.to_string();
+    let https = url.scheme_str() == Some("https");
+    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let bare = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((bare.as_str(), port)))
+        .await
+        .map_err(|_| format!("connect to {host}:{port} timed out"))?
+        .map_err(|e| format!("connect to {host}:{port}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let io: BoxIo = if https {
+        let cfg = tls.ok_or("an https control plane needs the workload identity (--identity-dir)")?;
+        let name = rustls_pki_types::ServerName::try_from(bare).map_err(|e| format!("server name: {e}"))?;
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    Ok((io, format!("{}://{host}:{port}", if https { "https" } else { "http" })))
+}
+
 /// One open subscription: the messages the control plane sends, and a way
 /// to answer. Also what tests and benchmarks use to act as a proxy.
 pub struct Stream {
@@ -126,26 +153,7 @@ impl Stream {
     /// Connects (TLS with `tls` for `https://` URLs), sends `hello` and
     /// waits for the control plane to accept the subscription.
     pub async fn open(url: &Uri, tls: Option<Arc<rustls::ClientConfig>>, hello: &Hello) -> Result<Stream, String> {
-        let host = url.host().ok_or("the control-plane URL has no host")?.to_string();
-        let https = url.scheme_str() == Some("https");
-        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let bare = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((bare.as_str(), port)))
-            .await
-            .map_err(|_| format!("connect to {host}:{port} timed out"))?
-            .map_err(|e| format!("connect to {host}:{port}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let io: BoxIo = if https {
-            let cfg = tls.ok_or("an https control plane needs the workload identity (--identity-dir)")?;
-            let name = rustls_pki_types::ServerName::try_from(bare.clone()).map_err(|e| format!("server name: {e}"))?;
-            let tls = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
-                .await
-                .map_err(|_| "TLS handshake timed out".to_string())?
-                .map_err(|e| format!("TLS handshake: {e}"))?;
-            Box::new(tls)
-        } else {
-            Box::new(tcp)
-        };
+        let (io, base) = dial(url, tls).await?;
         let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE)
@@ -159,8 +167,7 @@ impl Stream {
         }));
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let _ = tx.send(encode(&Upstream::Hello(hello.clone()))).await;
-        let uri = format!("{}://{host}:{port}{SUBSCRIBE_PATH}", if https { "https" } else { "http" });
-        let req = Request::post(uri)
+        let req = Request::post(format!("{base}{SUBSCRIBE_PATH}"))
             .header(http::header::CONTENT_TYPE, super::CONTENT_TYPE)
             .body(ChannelBody::new(rx))
             .map_err(|e| e.to_string())?;
