@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod netns;
+pub mod pair;
 
 use std::collections::BTreeMap;
 use std::future::Future;
