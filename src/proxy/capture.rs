@@ -178,6 +178,7 @@ pub async fn outbound(acc: Accepted) {
                 xfcc: None,
                 secure: false,
                 original_dst: Some(dst),
+                peer_ip: super::handler::peer_ip_header(acc.peer),
             };
             serve_http(Box::new(acc.stream), conn, acc.state.clone(), &acc.builder, acc.watcher).await;
         }
@@ -238,7 +239,8 @@ pub async fn inbound(acc: Accepted) {
     };
     if http {
         let xfcc = xfcc_for(identity.as_ref(), peer_id.as_deref());
-        let conn = ConnInfo { local, peer, identity: peer_id, xfcc, secure: false, original_dst: Some(dst) };
+        let peer_ip = super::handler::peer_ip_header(peer);
+        let conn = ConnInfo { local, peer, identity: peer_id, xfcc, secure: false, original_dst: Some(dst), peer_ip };
         drop(snapshot);
         serve_http(io, conn, state, &builder, watcher).await;
         return;

@@ -133,6 +133,14 @@ pub struct ConnInfo {
     /// Where a captured connection was headed before the capture rules
     /// redirected it (`SO_ORIGINAL_DST`).
     pub original_dst: Option<SocketAddr>,
+    /// The peer's IP as a header value (`x-forwarded-for`), made once per
+    /// connection rather than once per request.
+    pub peer_ip: HeaderValue,
+}
+
+/// The peer's IP as a header value, for [`ConnInfo::peer_ip`].
+pub fn peer_ip_header(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Per-request facts gathered while routing, reported when the response has
@@ -222,6 +230,14 @@ impl Drop for Finish {
     }
 }
 
+/// Length of a request target as written on the wire, without formatting it.
+fn uri_len(uri: &Uri) -> u64 {
+    let authority = uri.authority().map_or(0, |a| a.as_str().len());
+    let scheme = uri.scheme_str().map_or(0, |s| s.len() + 3);
+    let pq = uri.path_and_query().map_or(1, |p| p.as_str().len());
+    (scheme + authority + pq) as u64
+}
+
 /// Approximate wire size of a header block (`name: value\r\n`).
 fn head_bytes(headers: &HeaderMap) -> u64 {
     headers.iter().map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64).sum::<u64>() + 2
@@ -258,7 +274,7 @@ pub async fn handle(state: Arc<ProxyState>, conn: ConnInfo, req: Request<Incomin
         ..Default::default()
     });
     let request_bytes = Arc::new(AtomicU64::new(0));
-    let request_head = head_bytes(&parts.headers) + parts.uri.to_string().len() as u64 + 14;
+    let request_head = head_bytes(&parts.headers) + uri_len(&parts.uri) + 14;
     let req = Request::from_parts(parts, body::boxed(body::Counted::new(body, request_bytes.clone())));
     let snapshot = state.snapshot.load_full();
     let listener = snapshot.route_listener(&conn.local, conn.original_dst).cloned();
@@ -307,11 +323,40 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
-fn authority_of(req: &Request<Body>) -> Option<String> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_string());
+/// The request's authority, from the URI or else the Host header. Both share
+/// the buffer the request was read into, so holding one copies nothing.
+enum RequestAuthority {
+    Uri(http::uri::Authority),
+    Host(HeaderValue),
+}
+
+impl RequestAuthority {
+    fn as_str(&self) -> &str {
+        match self {
+            RequestAuthority::Uri(a) => a.as_str(),
+            // Checked to be text when taken (`authority_of`).
+            RequestAuthority::Host(h) => h.to_str().unwrap_or_default(),
+        }
     }
-    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+}
+
+fn authority_of(req: &Request<Body>) -> Option<RequestAuthority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(RequestAuthority::Uri(a.clone()));
+    }
+    let host = req.headers().get(header::HOST).filter(|h| h.to_str().is_ok())?;
+    Some(RequestAuthority::Host(host.clone()))
+}
+
+/// The request's scheme: what the URI says (HTTP/2, absolute form), else
+/// that of the connection.
+fn scheme_of(uri: &Uri, secure: bool) -> std::borrow::Cow<'static, str> {
+    match uri.scheme_str() {
+        None if secure => "https".into(),
+        None | Some("http") => "http".into(),
+        Some("https") => "https".into(),
+        Some(other) => other.to_string().into(),
+    }
 }
 
 async fn route_request(
@@ -323,6 +368,7 @@ async fn route_request(
     outcome: &mut LogFacts,
 ) -> Result<Response<Body>, ProxyError> {
     let authority = authority_of(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
+    let authority = authority.as_str();
     if !listener.authz.is_empty() {
         let attrs = crate::authz::Request {
             principal: conn.identity.as_ref().map(|p| p.principal()),
@@ -331,7 +377,7 @@ async fn route_request(
             destination_port: conn.original_dst.map_or(listener.authz_port, |d| d.port()),
             http: Some(crate::authz::HttpAttrs {
                 method: req.method().as_str(),
-                host: crate::route::strip_port(&authority),
+                host: crate::route::strip_port(authority),
                 path: req.uri().path(),
                 headers: req.headers(),
             }),
@@ -341,27 +387,28 @@ async fn route_request(
             return Err(ProxyError::Rbac);
         }
     }
-    let scheme = req.uri().scheme_str().unwrap_or(if conn.secure { "https" } else { "http" }).to_string();
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().map(str::to_string);
+    let scheme = scheme_of(req.uri(), conn.secure);
+    // A clone shares the request's buffer: path and query are borrowed from it.
+    let uri = req.uri().clone();
+    let (path, query) = (uri.path(), uri.query());
     let view = RequestView {
-        path: &path,
-        query: query.as_deref(),
+        path,
+        query,
         method: req.method(),
-        authority: &authority,
+        authority,
         scheme: &scheme,
         headers: req.headers(),
         port: conn.local.port(),
     };
-    let Some(vh) = listener.routes.find(&authority) else {
+    let Some(vh) = listener.routes.find(authority) else {
         return match listener.routes.fallback {
             Fallback::NotFound => Err(ProxyError::NoRoute),
             Fallback::BlackHole => {
                 outcome.target = Some(state.metrics.special(Special::BlackHole));
                 Err(ProxyError::BlackHole)
             }
-            Fallback::Passthrough => passthrough(state, snapshot, conn, req, &authority, outcome, false).await,
-            Fallback::InboundPassthrough => passthrough(state, snapshot, conn, req, &authority, outcome, true).await,
+            Fallback::Passthrough => passthrough(state, snapshot, conn, req, authority, outcome, false).await,
+            Fallback::InboundPassthrough => passthrough(state, snapshot, conn, req, authority, outcome, true).await,
         };
     };
     let Some(route) = vh.find(&view) else {
@@ -391,8 +438,7 @@ async fn route_request(
             Ok(resp)
         }
         Action::Forward(fwd) => {
-            let query = query.clone();
-            forward(route, fwd, listener, conn, req, &authority, &scheme, &path, query.as_deref(), outcome).await
+            forward(route, fwd, listener, conn, req, authority, &scheme, path, query, outcome).await
         }
     }
 }
@@ -453,12 +499,12 @@ async fn forward(
         .or_else(|| dest.request_headers.authority.clone())
         .or_else(|| route.request_headers.authority.clone());
     let upstream_authority = match &new_authority {
-        Some(v) => v.to_str().unwrap_or(authority).to_string(),
-        None => authority.to_string(),
+        Some(v) => v.to_str().unwrap_or(authority),
+        None => authority,
     };
-    let mut upstream_path = path.to_string();
+    let mut upstream_path = std::borrow::Cow::Borrowed(path);
     if let Some(uri_rw) = route.rewrite.as_ref().and_then(|r| r.uri.as_ref()) {
-        upstream_path = uri_rw.apply(path, &route.matcher.path);
+        upstream_path = uri_rw.apply(path, &route.matcher.path).into();
         if let Ok(v) = HeaderValue::from_str(path) {
             parts.headers.insert(X_ORIGINAL_PATH, v);
         }
@@ -469,8 +515,8 @@ async fn forward(
     // An upgraded connection is never retried: its bytes are the tunnel's.
     let policy = if upgrade.is_some() { None } else { route.retry.as_ref() };
     let needs_copy = policy.is_some_and(RetryPolicy::needs_replay) || !route.mirrors.is_empty();
-    let mut source = BodySource::new(body::boxed(body), needs_copy);
-    let target = Target { authority: &upstream_authority, path: &upstream_path, query };
+    let mut source = BodySource::new(body, needs_copy);
+    let target = Target { authority: upstream_authority, path: &upstream_path, query, downstream: &parts.uri };
     for m in &route.mirrors {
         if roll(m.percent) {
             spawn_mirror(m.cluster.clone(), &parts, &target, &source);
@@ -509,7 +555,7 @@ async fn forward(
     }
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers, switching);
-    rparts.headers.insert(X_SERVICE_TIME, HeaderValue::from(elapsed.as_millis() as u64));
+    rparts.headers.insert(X_SERVICE_TIME, decimal_header(elapsed.as_millis() as u64));
     route.response_headers.apply(&mut rparts.headers);
     dest.response_headers.apply(&mut rparts.headers);
     if let Some(cookie) = set_cookie {
@@ -521,7 +567,7 @@ async fn forward(
     // Everything that counts this request (endpoint in-flight count, the
     // HTTP/2 stream, the cluster's active requests) is released when the
     // response body has been streamed.
-    let release = (guard, sent.stream, slot);
+    let release = (guard, sent.lease, slot);
     // A response to HEAD has no content (RFC 9110 §9.3.2), whatever the
     // upstream sends: some HTTP/2 servers send DATA anyway, which the h2
     // client rejects as malformed, and forwarding that would reset the
@@ -640,49 +686,83 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
 /// named in `Connection`. An upgrade keeps `Connection: upgrade` and `Upgrade`.
 /// `te: trailers` is kept: gRPC over HTTP/2 requires it.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names, without hashing: most messages carry none of
-    // these, and removing absent headers one by one costs a lookup each.
-    let hop = headers.keys().any(|n| {
-        n == header::CONNECTION
-            || n == header::TE
-            || n == header::TRANSFER_ENCODING
-            || n == header::UPGRADE
-            || *n == KEEP_ALIVE
-            || *n == PROXY_CONNECTION
-    });
-    if !hop {
-        if upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    const CONNECTION: u8 = 1;
+    const TE: u8 = 2;
+    const TRANSFER_ENCODING: u8 = 4;
+    const UPGRADE: u8 = 8;
+    const KEEP_ALIVE_: u8 = 16;
+    const PROXY_CONNECTION_: u8 = 32;
+    // One pass over the names, without hashing, noting which are present:
+    // most messages carry none of these or only `Connection: keep-alive`,
+    // and removing absent headers one by one costs a lookup each.
+    let mut present = 0u8;
+    for n in headers.keys() {
+        present |= if n == header::CONNECTION {
+            CONNECTION
+        } else if n == header::TE {
+            TE
+        } else if n == header::TRANSFER_ENCODING {
+            TRANSFER_ENCODING
+        } else if n == header::UPGRADE {
+            UPGRADE
+        } else if *n == KEEP_ALIVE {
+            KEEP_ALIVE_
+        } else if *n == PROXY_CONNECTION {
+            PROXY_CONNECTION_
+        } else {
+            0
+        };
+    }
+    if present & CONNECTION != 0 {
+        // Headers named as connection options. `keep-alive`, `close` and
+        // `upgrade` need no lookup: the first is removed below anyway, the
+        // second names no header, the third is decided by `upgrade`.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in
+            headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','))
+        {
+            let token = token.trim();
+            if token.is_empty()
+                || ["keep-alive", "close", "upgrade"].iter().any(|known| token.eq_ignore_ascii_case(known))
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(n);
+            }
         }
-        return;
+        for n in named {
+            headers.remove(n);
+        }
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().to_ascii_lowercase().as_bytes()).ok())
-        .filter(|n| !(upgrade && *n == header::UPGRADE))
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if present & KEEP_ALIVE_ != 0 {
+        headers.remove(KEEP_ALIVE);
     }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present & PROXY_CONNECTION_ != 0 {
+        headers.remove(PROXY_CONNECTION);
+    }
+    if present & TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & TE != 0 {
+        let te_trailers = headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
+        if present & CONNECTION != 0 {
+            headers.remove(header::CONNECTION);
+        }
+        if present & UPGRADE != 0 {
+            headers.remove(header::UPGRADE);
+        }
     }
 }
 
@@ -698,14 +778,13 @@ fn prepare_request_headers(headers: &mut HeaderMap, conn: &ConnInfo, kind: Liste
         }
     }
     // x-forwarded-for: append the peer, as Envoy does.
-    let peer = conn.peer.ip().to_string();
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {peer}"),
-        _ => peer,
+        Some(prev) if !prev.is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).unwrap_or_else(|_| conn.peer_ip.clone())
+        }
+        _ => conn.peer_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+    headers.insert(X_FORWARDED_FOR, xff);
     // An edge gateway owns the scheme; a sidecar keeps what the app set.
     if kind == ListenerKind::Gateway || !headers.contains_key(X_FORWARDED_PROTO) {
         let proto = if scheme == "https" { "https" } else { "http" };
@@ -748,12 +827,44 @@ struct Target<'a> {
     authority: &'a str,
     path: &'a str,
     query: Option<&'a str>,
+    /// The downstream request's URI: reused upstream when path and query
+    /// are unchanged, which saves building a new one.
+    downstream: &'a Uri,
+}
+
+/// A small decimal number as a header value (attempt counts, service times):
+/// below 1,000 from a table made once, so it costs no allocation.
+fn decimal_header(n: u64) -> HeaderValue {
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    const SIZE: u64 = 1000;
+    if n >= SIZE {
+        return HeaderValue::from(n);
+    }
+    let table = TABLE.get_or_init(|| {
+        let text: &'static str = Box::leak((0..SIZE).map(|i| i.to_string()).collect::<String>().into_boxed_str());
+        let mut at = 0;
+        (0..SIZE)
+            .map(|i| {
+                let len = if i < 10 {
+                    1
+                } else if i < 100 {
+                    2
+                } else {
+                    3
+                };
+                let v = HeaderValue::from_static(&text[at..at + len]);
+                at += len;
+                v
+            })
+            .collect()
+    });
+    table[n as usize].clone()
 }
 
 /// Builds the upstream request for one attempt: protocol version, URI form and
 /// Host for the endpoint's protocol, and the attempt count.
 fn finish_request(mut req: Request<Body>, ep: &EndpointState, t: &Target<'_>, attempt: u32) -> Request<Body> {
-    let pq = match t.query {
+    let pq = || match t.query {
         Some(q) => format!("{}?{q}", t.path),
         None => t.path.to_string(),
     };
@@ -761,16 +872,22 @@ fn finish_request(mut req: Request<Body>, ep: &EndpointState, t: &Target<'_>, at
     if h2 {
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().remove(header::HOST);
-        let uri = format!("http://{}{pq}", t.authority);
+        let uri = format!("http://{}{}", t.authority, pq());
         *req.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::from_static("/"));
     } else {
         *req.version_mut() = Version::HTTP_11;
-        if let Ok(v) = HeaderValue::from_str(t.authority) {
+        let host = req.headers().get(header::HOST);
+        if host.is_none_or(|h| h.as_bytes() != t.authority.as_bytes())
+            && let Ok(v) = HeaderValue::from_str(t.authority)
+        {
             req.headers_mut().insert(header::HOST, v);
         }
-        *req.uri_mut() = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
+        *req.uri_mut() = match t.downstream.path_and_query() {
+            Some(same) if same.path() == t.path && same.query() == t.query => Uri::from(same.clone()),
+            _ => pq().parse().unwrap_or_else(|_| Uri::from_static("/")),
+        };
     }
-    req.headers_mut().insert(X_ATTEMPT_COUNT, HeaderValue::from(attempt));
+    req.headers_mut().insert(X_ATTEMPT_COUNT, decimal_header(u64::from(attempt)));
     req
 }
 
@@ -1051,6 +1168,7 @@ fn spawn_mirror(cluster: Arc<Cluster>, parts: &http::request::Parts, t: &Target<
     *req.method_mut() = parts.method.clone();
     *req.headers_mut() = parts.headers.clone();
     let (authority, path, query) = (shadow_authority(t.authority), t.path.to_string(), t.query.map(str::to_string));
+    let downstream = t.downstream.clone();
     tokio::spawn(async move {
         let stats = &cluster.shared().stats;
         let Ok(_slot) = cluster.shared().admit() else {
@@ -1073,7 +1191,7 @@ fn spawn_mirror(cluster: Arc<Cluster>, parts: &http::request::Parts, t: &Target<
         };
         let ep = ep.state;
         let _guard = ep.begin_request();
-        let target = Target { authority: &authority, path: &path, query: query.as_deref() };
+        let target = Target { authority: &authority, path: &path, query: query.as_deref(), downstream: &downstream };
         let (head, ()) = req.into_parts();
         let req = finish_request(Request::from_parts(head, body), &ep, &target, 1);
         bump(&stats.upstream_rq_mirror);
@@ -1143,15 +1261,14 @@ async fn passthrough(
     let upgrade_req = is_upgrade(&req);
     let mut req = req;
     let upgrade = upgrade_req.then(|| hyper::upgrade::on(&mut req));
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().map(str::to_string);
+    let downstream = req.uri().clone();
     let (mut parts, body) = req.into_parts();
     let kind = if inbound { ListenerKind::SidecarIngress } else { ListenerKind::SidecarEgress };
     prepare_request_headers(&mut parts.headers, conn, kind, &scheme, upgrade.is_some());
-    let target = Target { authority, path: &path, query: query.as_deref() };
-    let r = finish_request(Request::from_parts(parts, body::boxed(body)), &ep, &target, 1);
+    let target = Target { authority, path: downstream.path(), query: downstream.query(), downstream: &downstream };
+    let r = finish_request(Request::from_parts(parts, body), &ep, &target, 1);
     let started = Instant::now();
-    let Sent { response: mut resp, stream } = match ep.send(r).await {
+    let Sent { response: mut resp, lease } = match ep.send(r).await {
         Ok(sent) => sent,
         Err(e) => return Err(classify(&e.error, e.request.is_some()).2),
     };
@@ -1163,8 +1280,8 @@ async fn passthrough(
     }
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers, switching);
-    rparts.headers.insert(X_SERVICE_TIME, HeaderValue::from(started.elapsed().as_millis() as u64));
-    let release = (guard, stream);
+    rparts.headers.insert(X_SERVICE_TIME, decimal_header(started.elapsed().as_millis() as u64));
+    let release = (guard, lease);
     Ok(Response::from_parts(rparts, body::boxed(OnDone::new(rbody, move || drop(release)))))
 }
 
@@ -1202,6 +1319,35 @@ mod tests {
         assert!(!h.contains_key(KEEP_ALIVE));
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn hop_by_hop_tokens_any_case_and_upgrades() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive, X-Other, Upgrade"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(PROXY_CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        let mut upgrading = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "left: {h:?}");
+        strip_hop_by_hop(&mut upgrading, true);
+        assert_eq!(upgrading.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(upgrading.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(upgrading.len(), 2, "left: {upgrading:?}");
+        // Nothing hop-by-hop: nothing changes.
+        let mut plain = HeaderMap::new();
+        plain.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain.len(), 1);
+    }
+
+    #[test]
+    fn decimal_headers() {
+        for n in [0u64, 7, 10, 99, 100, 999, 1000, 123_456] {
+            assert_eq!(decimal_header(n).to_str().unwrap(), n.to_string());
+        }
     }
 
     #[test]

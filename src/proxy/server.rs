@@ -410,7 +410,9 @@ async fn accept_loop(
                         }
                     };
                     let xfcc = xfcc_for(identity.as_ref(), peer_id.as_deref());
-                    let conn = ConnInfo { local: addr, peer, identity: peer_id, xfcc, secure, original_dst: None };
+                    let peer_ip = handler::peer_ip_header(peer);
+                    let conn =
+                        ConnInfo { local: addr, peer, identity: peer_id, xfcc, secure, original_dst: None, peer_ip };
                     serve_http(io, conn, state, &builder, watcher).await;
                 });
             }

@@ -169,22 +169,27 @@ impl RetryPolicy {
             // A per-try timeout is a 504 with no response.
             Attempt::PerTryTimeout => self.has(on::FIVE_XX | on::GATEWAY_ERROR | on::RESET),
             Attempt::Response { status, headers } => {
+                // Most responses are retriable by neither their status nor a
+                // header this policy looks at: answer without header lookups.
+                let by_status = (self.has(on::FIVE_XX) && (500..600).contains(&status))
+                    || (self.has(on::GATEWAY_ERROR) && matches!(status, 502..=504))
+                    || (self.has(on::RETRIABLE_4XX) && status == 409)
+                    || (self.has(on::RETRIABLE_STATUS_CODES) && self.status_codes.contains(&status));
+                const GRPC: u32 = on::GRPC_CANCELLED
+                    | on::GRPC_DEADLINE_EXCEEDED
+                    | on::GRPC_INTERNAL
+                    | on::GRPC_RESOURCE_EXHAUSTED
+                    | on::GRPC_UNAVAILABLE;
+                if !by_status && !self.has(GRPC | on::ENVOY_RATELIMITED) {
+                    return false;
+                }
                 if headers.contains_key(X_ENVOY_OVERLOADED) {
                     return false;
                 }
                 if headers.contains_key(X_ENVOY_RATELIMITED) {
                     return self.has(on::ENVOY_RATELIMITED);
                 }
-                if self.has(on::FIVE_XX) && (500..600).contains(&status) {
-                    return true;
-                }
-                if self.has(on::GATEWAY_ERROR) && matches!(status, 502..=504) {
-                    return true;
-                }
-                if self.has(on::RETRIABLE_4XX) && status == 409 {
-                    return true;
-                }
-                if self.has(on::RETRIABLE_STATUS_CODES) && self.status_codes.contains(&status) {
+                if by_status {
                     return true;
                 }
                 // gRPC status in the response headers (trailers-only responses).

@@ -424,10 +424,13 @@ impl PoolInner {
 
     /// Drops (so closes) the connections idle for `ttl` or more; returns how many.
     fn reap(&mut self, now: Instant, ttl: Duration) -> usize {
-        let before = self.idle.len() + self.h2.len();
-        self.idle.retain(|c| now.duration_since(c.since) < ttl);
+        // Idle HTTP/1.1 connections are kept in the order they went idle, so
+        // the expired ones lead: found without looking at every connection.
+        let expired = self.idle.partition_point(|c| now.duration_since(c.since) >= ttl);
+        self.idle.drain(..expired);
+        let h2 = self.h2.len();
         self.h2.retain(|c| c.streams > 0 || c.idle_since.is_none_or(|t| now.duration_since(t) < ttl));
-        before - (self.idle.len() + self.h2.len())
+        expired + h2 - self.h2.len()
     }
 }
 
@@ -520,11 +523,42 @@ impl Drop for PendingSlot {
     }
 }
 
-/// What `send` hands back besides the response: the HTTP/2 stream, held until
-/// the response body ends.
+/// What `send` hands back besides the response: the connection's lease, held
+/// until the response body ends.
 pub struct Sent {
     pub response: Response<Incoming>,
-    pub stream: Option<StreamGuard>,
+    pub lease: Lease,
+}
+
+/// The part of a connection a response holds while its body streams.
+pub enum Lease {
+    /// An HTTP/1.1 connection, returned to the pool when dropped.
+    Http1(H1Lease),
+    /// One stream of a shared HTTP/2 connection.
+    Http2(StreamGuard),
+    /// Nothing to give back (the connection closes after this response).
+    None,
+}
+
+/// An HTTP/1.1 connection serving one response. Dropped (when the response
+/// body has been read, or abandoned) it goes back to the pool: at once when
+/// hyper has finished the exchange, which is the usual case by the time the
+/// body's end has been seen, else from a task that waits for the connection
+/// to be ready.
+pub struct H1Lease {
+    ep: Arc<EndpointState>,
+    conn: Option<(http1::SendRequest<Body>, ConnMeta)>,
+}
+
+impl Drop for H1Lease {
+    fn drop(&mut self) {
+        let Some((tx, meta)) = self.conn.take() else { return };
+        if tx.is_ready() {
+            self.ep.put_back(tx, meta);
+        } else if !tx.is_closed() {
+            self.ep.return_when_ready(tx, meta);
+        }
+    }
 }
 
 impl EndpointState {
@@ -835,8 +869,15 @@ impl EndpointState {
         meta.requests += 1;
         match tx.try_send_request(req).await {
             Ok(response) => {
-                self.return_when_ready(tx, meta);
-                Ok(Sent { response, stream: None })
+                let s = &self.shared.settings;
+                let lease = if s.max_requests_per_connection > 0 && meta.requests >= s.max_requests_per_connection {
+                    // Dropping the sender lets hyper finish this response and close.
+                    bump(&self.shared.stats.upstream_cx_max_requests);
+                    Lease::None
+                } else {
+                    Lease::Http1(H1Lease { ep: self.clone(), conn: Some((tx, meta)) })
+                };
+                Ok(Sent { response, lease })
             }
             Err(mut e) => {
                 let request = e.take_message();
@@ -845,45 +886,49 @@ impl EndpointState {
         }
     }
 
-    /// Once the response has been read, the connection serves the next waiting
-    /// request or goes idle — unless it has reached its request or age limit.
+    /// A task that puts an HTTP/1.1 connection back once hyper has finished
+    /// its exchange (see [`H1Lease`]); it ends if the connection closes.
     fn return_when_ready(self: &Arc<Self>, mut tx: http1::SendRequest<Body>, meta: ConnMeta) {
-        let s = self.shared.settings;
-        if s.max_requests_per_connection > 0 && meta.requests >= s.max_requests_per_connection {
-            // Dropping the sender lets hyper finish this response and close.
-            bump(&self.shared.stats.upstream_cx_max_requests);
-            return;
-        }
         let weak: Weak<EndpointState> = Arc::downgrade(self);
-        tokio::spawn(async move {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        rt.spawn(async move {
             if tx.ready().await.is_err() {
                 return;
             }
-            let Some(this) = weak.upgrade() else { return };
-            let now = Instant::now();
-            if this.shared.settings.max_connection_duration.is_some_and(|d| now.duration_since(meta.created) >= d) {
-                bump(&this.shared.stats.upstream_cx_max_duration_reached);
-                return;
+            if let Some(this) = weak.upgrade() {
+                this.put_back(tx, meta);
             }
-            let mut grant = Grant::Ready(Ready::H1(tx, meta));
-            loop {
-                let waiter = this.lock().waiters.pop_front();
-                match waiter {
-                    Some(w) => match w.send(grant) {
-                        Ok(()) => return,
-                        Err(back) => grant = back,
-                    },
-                    None => break,
-                }
-            }
-            let Grant::Ready(Ready::H1(tx, meta)) = grant else { return };
-            let mut inner = this.lock();
-            this.close_idle(&mut inner, now);
-            if inner.idle.len() < MAX_IDLE_PER_ENDPOINT {
-                inner.idle.push(IdleConn { tx, since: now, meta });
-            }
-            this.arm_reaper(&mut inner);
         });
+    }
+
+    /// A connection ready for its next request serves the next waiting
+    /// request or goes idle, unless it has reached its age limit.
+    fn put_back(self: &Arc<Self>, tx: http1::SendRequest<Body>, meta: ConnMeta) {
+        if self.shared.settings.max_connection_duration.is_some_and(|d| meta.created.elapsed() >= d) {
+            bump(&self.shared.stats.upstream_cx_max_duration_reached);
+            return;
+        }
+        let mut grant = Grant::Ready(Ready::H1(tx, meta));
+        loop {
+            let waiter = self.lock().waiters.pop_front();
+            match waiter {
+                Some(w) => match w.send(grant) {
+                    Ok(()) => return,
+                    Err(back) => grant = back,
+                },
+                None => break,
+            }
+        }
+        let Grant::Ready(Ready::H1(tx, meta)) = grant else { return };
+        let mut inner = self.lock();
+        // Taken under the lock, so the idle list stays in the order
+        // connections went idle (`PoolInner::reap` relies on it).
+        let now = Instant::now();
+        self.close_idle(&mut inner, now);
+        if inner.idle.len() < MAX_IDLE_PER_ENDPOINT {
+            inner.idle.push(IdleConn { tx, since: now, meta });
+        }
+        self.arm_reaper(&mut inner);
     }
 
     /// Closes the connections idle for `idleTimeout` or more, counting each.
@@ -926,7 +971,7 @@ impl EndpointState {
 
 async fn send_h2(mut tx: http2::SendRequest<Body>, stream: StreamGuard, req: Request<Body>) -> Result<Sent, SendError> {
     match tx.try_send_request(req).await {
-        Ok(response) => Ok(Sent { response, stream: Some(stream) }),
+        Ok(response) => Ok(Sent { response, lease: Lease::Http2(stream) }),
         Err(mut e) => {
             let request = e.take_message();
             Err(SendError { error: UpstreamError::Terminated(e.into_error()), request })
@@ -1018,7 +1063,7 @@ mod tests {
     async fn finish(sent: Sent) {
         let body = sent.response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
-        drop(sent.stream);
+        drop(sent.lease);
     }
 
     /// Lets spawned tasks run until the runtime is idle.
@@ -1026,6 +1071,42 @@ mod tests {
         for _ in 0..50 {
             tokio::task::yield_now().await;
         }
+    }
+
+    /// An HTTP/1.1 connection goes back to the pool when its response body
+    /// has been read and the lease dropped, without waiting for a task, and
+    /// serves the next request.
+    #[tokio::test]
+    async fn h1_connection_returns_when_the_lease_drops() {
+        let up = MemUpstream::new(false);
+        up.gate.add_permits(100);
+        let ep = endpoint(PoolSettings::default(), &up);
+        for _ in 0..5 {
+            let Ok(sent) = ep.send(get_h1()).await else { panic!("send failed") };
+            assert!(matches!(sent.lease, Lease::Http1(_)));
+            finish(sent).await;
+            assert_eq!(ep.lock().idle.len(), 1, "the connection is idle again at once");
+        }
+        assert_eq!(up.connects.load(Ordering::SeqCst), 1);
+        assert_eq!(up.requests.load(Ordering::SeqCst), 5);
+    }
+
+    /// A lease dropped before hyper has finished the exchange (the body was
+    /// not read) does not put a busy connection in the pool.
+    #[tokio::test]
+    async fn h1_lease_dropped_early_never_pools_a_busy_connection() {
+        let up = MemUpstream::new(false);
+        up.gate.add_permits(100);
+        let ep = endpoint(PoolSettings::default(), &up);
+        let Ok(sent) = ep.send(get_h1()).await else { panic!("send failed") };
+        let Sent { response, lease } = sent;
+        drop(lease);
+        assert!(ep.lock().idle.iter().all(|c| c.tx.is_ready()));
+        drop(response);
+        settle().await;
+        let Ok(sent) = ep.send(get_h1()).await else { panic!("send failed") };
+        finish(sent).await;
+        assert_eq!(up.requests.load(Ordering::SeqCst), 2);
     }
 
     /// Istio's circuit-breaking task, made deterministic: one connection, one
