@@ -407,8 +407,11 @@ async fn route_request(
                 outcome.target = Some(state.metrics.special(Special::BlackHole));
                 Err(ProxyError::BlackHole)
             }
-            Fallback::Passthrough => passthrough(state, snapshot, conn, req, authority, outcome, false).await,
-            Fallback::InboundPassthrough => passthrough(state, snapshot, conn, req, authority, outcome, true).await,
+            // Boxed for the reason `forward` is.
+            Fallback::Passthrough => Box::pin(passthrough(state, snapshot, conn, req, authority, outcome, false)).await,
+            Fallback::InboundPassthrough => {
+                Box::pin(passthrough(state, snapshot, conn, req, authority, outcome, true)).await
+            }
         };
     };
     let Some(route) = vh.find(&view) else {
@@ -438,7 +441,10 @@ async fn route_request(
             Ok(resp)
         }
         Action::Forward(fwd) => {
-            forward(route, fwd, listener, conn, req, authority, &scheme, path, query, outcome).await
+            // Boxed: hyper keeps room for the service's future on every
+            // connection, idle ones included; the exchange's state is only
+            // needed while a request is in flight.
+            Box::pin(forward(route, fwd, listener, conn, req, authority, &scheme, path, query, outcome)).await
         }
     }
 }

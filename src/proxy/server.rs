@@ -382,16 +382,22 @@ async fn accept_loop(
                 conns.spawn(async move {
                     let _open = open;
                     let accepted = super::capture::Accepted { stream, peer, local: addr, state, builder, watcher };
+                    // The task lives as long as its connection, sized by its
+                    // largest state: the capture paths and TLS handshakes
+                    // are boxed so that a plain HTTP connection does not
+                    // carry their room while it sits idle.
                     match kind {
-                        Some(ListenerKind::CaptureOutbound) => return super::capture::outbound(accepted).await,
-                        Some(ListenerKind::CaptureInbound) => return super::capture::inbound(accepted).await,
+                        Some(ListenerKind::CaptureOutbound) => {
+                            return Box::pin(super::capture::outbound(accepted)).await;
+                        }
+                        Some(ListenerKind::CaptureInbound) => return Box::pin(super::capture::inbound(accepted)).await,
                         _ => {}
                     }
                     let super::capture::Accepted { stream, peer, state, builder, watcher, .. } = accepted;
                     let identity = state.identity();
                     let secure = gateway_tls.is_some();
                     let (io, peer_id): (BoxIo, _) = if let Some(tls) = gateway_tls {
-                        match tls.accept(stream).await {
+                        match Box::pin(tls.accept(stream)).await {
                             Ok(x) => x,
                             Err(e) => {
                                 tracing::debug!(%peer, %addr, error = %e, "TLS connection refused");
@@ -401,7 +407,7 @@ async fn accept_loop(
                     } else if mode == InboundTls::Disable {
                         (Box::new(stream), None)
                     } else {
-                        match crate::tls::inbound::accept(stream, mode, identity.as_ref()).await {
+                        match Box::pin(crate::tls::inbound::accept(stream, mode, identity.as_ref())).await {
                             Ok(x) => x,
                             Err(e) => {
                                 tracing::debug!(%peer, %addr, error = %e, "inbound connection refused");
@@ -451,23 +457,27 @@ pub(super) fn xfcc_for(
 
 /// Serves HTTP/1.1 and h2c on an accepted (and, for mTLS, terminated)
 /// connection until it ends or the listener's graceful shutdown closes it.
-pub(super) async fn serve_http(
+pub(super) fn serve_http(
     io: BoxIo,
     conn: ConnInfo,
     state: Arc<ProxyState>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
+    use futures_util::FutureExt;
     let peer = conn.peer;
-    let svc = service_fn(move |req| {
-        let (state, conn) = (state.clone(), conn.clone());
-        async move { Ok::<_, std::convert::Infallible>(handler::handle(state, conn, req).await) }
-    });
+    let svc =
+        service_fn(move |req| handler::handle(state.clone(), conn.clone(), req).map(Ok::<_, std::convert::Infallible>));
     let io = TokioIo::new(DetectDeadline::new(io, PROTOCOL_DETECT_TIMEOUT));
-    let served = builder.serve_connection_with_upgrades(io, svc);
-    if let Err(e) = watcher.watch(served.into_owned()).await {
-        tracing::debug!(%peer, error = %e, "connection ended with error");
-    }
+    // Not an `async fn`, and built in one expression: this future lives as
+    // long as the connection, and an async fn would hold its arguments and
+    // intermediates in room of their own beside the connection's state.
+    let served = watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
+    served.map(move |r| {
+        if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "connection ended with error");
+        }
+    })
 }
 
 /// The HTTP/2 client preface; a connection that starts with it is h2c.

@@ -611,7 +611,9 @@ impl EndpointState {
             };
             let (ready, reused) = match grant {
                 Grant::Ready(r) => (r, true),
-                Grant::Connect(res) => match self.open(res).await {
+                // Boxed: connecting (TLS, HTTP/2 handshake) is rare next to
+                // reusing a connection, and its state is large.
+                Grant::Connect(res) => match Box::pin(self.open(res)).await {
                     Ok(r) => (r, false),
                     Err(error) => return Err(SendError { error, request: Some(req) }),
                 },
