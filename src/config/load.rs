@@ -18,12 +18,10 @@ use std::rc::Rc;
 use serde::de::{
     self, DeserializeOwned, DeserializeSeed, Expected, IntoDeserializer, MapAccess, SeqAccess, Unexpected, Visitor,
 };
-use serde_saphyr::Budget;
-use serde_saphyr::budget::{EnforcingPolicy, check_yaml_budget};
 use serde_saphyr::granit_parser::{self, Event, Parser, ScalarStyle, Span, Tag};
 
 use super::model::{self, Kind, ObjectMeta, Spec};
-use super::{Diagnostic, LineIndex, LoadedSet, Resource, Severity, Source, SourceFile, fnv1a64};
+use super::{Diagnostic, LineIndexBuilder, LoadedSet, Resource, Severity, Source, SourceFile, fnv1a64};
 
 /// Largest config file remora reads: far above any real routing config, small
 /// enough that a stray dump or image in a config directory cannot exhaust memory.
@@ -261,14 +259,10 @@ impl<'a> Loader<'a> {
 
     fn load_text(&mut self, file: &Path, text: &str) {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        // serde-saphyr's budget (events, nodes, depth, anchors and aliases per
-        // document) rejects hostile input before a tree is built. A syntax error
-        // ends the check early; such files are reported document by document below.
-        if let Ok(report) = check_yaml_budget(text, Budget::default(), EnforcingPolicy::PerDocument)
-            && let Some(breach) = report.breached
-        {
-            return self.file_error(file, None, format!("YAML exceeds the parser's safety limits ({breach:?})"));
-        }
+        // One pass: hostile input is bounded as the tree is built (nesting
+        // depth, and nodes counting every alias expansion, per document); the
+        // parser's own limits bound its lookahead and flow nesting; the file
+        // size bounds the rest.
         for item in parse_stream(text) {
             match item {
                 Parsed::Problem { line, message } => self.file_error(file, Some(line), message),
@@ -411,8 +405,8 @@ impl<'a> Loader<'a> {
         if !ok {
             return;
         }
-        let mut entries = Vec::new();
-        index_lines(node, &mut String::new(), &mut entries);
+        let mut lines = LineIndexBuilder::default();
+        index_lines(node, &mut String::new(), &mut lines);
         self.set.resources.push(Resource {
             source: Source { file: file.to_path_buf(), line: root.line },
             api_version: api_version.unwrap_or_default().to_string(),
@@ -421,7 +415,7 @@ impl<'a> Loader<'a> {
             name: raw_name.to_string(),
             meta,
             spec,
-            lines: LineIndex::new(entries),
+            lines: lines.finish(),
         });
     }
 
@@ -600,13 +594,13 @@ fn from_node<T: DeserializeOwned>(node: &Node) -> Result<T, DeError> {
 
 /// Records the line of every map key and sequence item under `node`. Content
 /// reached through an alias is not indexed: its paths resolve to the alias.
-fn index_lines(node: &Node, path: &mut String, out: &mut Vec<(String, usize)>) {
+fn index_lines(node: &Node, path: &mut String, out: &mut LineIndexBuilder) {
     match &node.value {
         Value::Map(entries) => {
             for (k, v) in entries {
                 let len = path.len();
                 push_field(path, k.text());
-                out.push((path.clone(), k.line));
+                out.push(path, k.line);
                 index_lines(v, path, out);
                 path.truncate(len);
             }
@@ -615,7 +609,7 @@ fn index_lines(node: &Node, path: &mut String, out: &mut Vec<(String, usize)>) {
             for (i, item) in items.iter().enumerate() {
                 let len = path.len();
                 let _ = write!(path, "[{i}]");
-                out.push((path.clone(), item.line));
+                out.push(path, item.line);
                 index_lines(item, path, out);
                 path.truncate(len);
             }
@@ -1813,7 +1807,22 @@ spec:
         assert!(set.resources.is_empty());
         let errs = errors(&set);
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(errs[0].contains("limits") || errs[0].contains("expands"), "{errs:?}");
+        assert!(errs[0].contains("expands to more than"), "{errs:?}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let flow = format!("kind: VirtualService\nspec: {}x{}\n", "[".repeat(200), "]".repeat(200));
+        let mut block = String::from("kind: VirtualService\nspec:\n");
+        for depth in 1..100 {
+            let _ = writeln!(block, "{}k{depth}:", "  ".repeat(depth));
+        }
+        for text in [flow, block] {
+            let set = load(&text);
+            assert!(set.resources.is_empty());
+            let errs = errors(&set);
+            assert!(errs.iter().any(|e| e.contains("nests deeper than 64")), "{errs:?}");
+        }
     }
 
     #[test]
