@@ -67,29 +67,70 @@ impl Resource {
 }
 
 /// Field path → line numbers for one resource document.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Every node of every resource has an entry, so the paths share one text
+/// buffer rather than each taking an allocation of its own.
+#[derive(Debug, Clone, Default)]
 pub struct LineIndex {
-    /// Sorted by path for binary search.
-    entries: Vec<(String, usize)>,
+    /// The paths, back to back.
+    text: String,
+    /// `(start, end, line)` of each path in `text`, sorted by path.
+    entries: Vec<(u32, u32, u32)>,
 }
 
 impl LineIndex {
-    pub fn new(mut entries: Vec<(String, usize)>) -> Self {
-        entries.sort();
-        entries.dedup_by(|a, b| a.0 == b.0);
-        LineIndex { entries }
+    pub fn new(entries: Vec<(String, usize)>) -> Self {
+        let mut b = LineIndexBuilder::default();
+        for (path, line) in &entries {
+            b.push(path, *line);
+        }
+        b.finish()
+    }
+
+    fn path(&self, e: &(u32, u32, u32)) -> &str {
+        &self.text[e.0 as usize..e.1 as usize]
     }
 
     /// The line of `path`, or of its nearest ancestor that has one.
     pub fn line_of(&self, path: &str) -> Option<usize> {
         let mut p = path;
         loop {
-            if let Ok(i) = self.entries.binary_search_by(|(k, _)| k.as_str().cmp(p)) {
-                return Some(self.entries[i].1);
+            if let Ok(i) = self.entries.binary_search_by(|e| self.path(e).cmp(p)) {
+                return Some(self.entries[i].2 as usize);
             }
             let cut = p.rfind(['.', '['])?;
             p = &p[..cut];
         }
+    }
+}
+
+/// Collects a [`LineIndex`]; a path given twice keeps its first line.
+#[derive(Default)]
+pub struct LineIndexBuilder {
+    index: LineIndex,
+}
+
+impl LineIndexBuilder {
+    pub fn push(&mut self, path: &str, line: usize) {
+        let ix = &mut self.index;
+        let start = ix.text.len();
+        ix.text.push_str(path);
+        let (Ok(start), Ok(end), Ok(line)) = (u32::try_from(start), u32::try_from(ix.text.len()), u32::try_from(line))
+        else {
+            ix.text.truncate(start);
+            return; // beyond any config file remora reads
+        };
+        ix.entries.push((start, end, line));
+    }
+
+    pub fn finish(self) -> LineIndex {
+        let mut ix = self.index;
+        let text = std::mem::take(&mut ix.text);
+        let key = |e: &(u32, u32, u32)| &text[e.0 as usize..e.1 as usize];
+        ix.entries.sort_by(|a, b| key(a).cmp(key(b)).then(a.2.cmp(&b.2)));
+        ix.entries.dedup_by(|a, b| key(a) == key(b));
+        ix.text = text;
+        ix
     }
 }
 
@@ -195,4 +236,27 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod line_index_tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_to_themselves_or_their_nearest_ancestor() {
+        let ix = LineIndex::new(vec![
+            ("spec.http".into(), 5),
+            ("spec".into(), 4),
+            ("spec.http[0].route".into(), 7),
+            ("spec.http".into(), 9), // a repeated path keeps its first line
+            ("spec.hosts[1]".into(), 3),
+        ]);
+        assert_eq!(ix.line_of("spec.http"), Some(5));
+        assert_eq!(ix.line_of("spec.http[0].route[2].weight"), Some(7));
+        assert_eq!(ix.line_of("spec.http[3]"), Some(5));
+        assert_eq!(ix.line_of("spec.hosts[1]"), Some(3));
+        assert_eq!(ix.line_of("spec.gateways"), Some(4));
+        assert_eq!(ix.line_of("metadata.name"), None);
+        assert_eq!(LineIndex::default().line_of("spec"), None);
+    }
 }

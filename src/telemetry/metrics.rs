@@ -227,6 +227,16 @@ fn canonical(labels: &BTreeMap<String, String>, fallback_name: Option<&str>) -> 
 /// Escapes a label value for the text format.
 fn esc(v: &str) -> String {
     let mut o = String::with_capacity(v.len());
+    esc_into(&mut o, v);
+    o
+}
+
+/// Appends `v` escaped as a label value.
+fn esc_into(o: &mut String, v: &str) {
+    if !v.contains(['\\', '"', '\n']) {
+        o.push_str(v);
+        return;
+    }
     for c in v.chars() {
         match c {
             '\\' => o.push_str("\\\\"),
@@ -235,7 +245,6 @@ fn esc(v: &str) -> String {
             c => o.push(c),
         }
     }
-    o
 }
 
 /// Label names and values in emission order.
@@ -410,10 +419,18 @@ impl Metrics {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
         };
-        let mut labels = format!("reporter=\"{reporter_value}\"");
-        for (k, v) in src.into_iter().chain(dst) {
-            let _ = write!(labels, ",{k}=\"{}\"", esc(&v));
+        let mut labels = String::with_capacity(1024);
+        labels.push_str("reporter=\"");
+        labels.push_str(reporter_value);
+        labels.push('"');
+        for (k, v) in src.iter().chain(&dst) {
+            labels.push(',');
+            labels.push_str(k);
+            labels.push_str("=\"");
+            esc_into(&mut labels, v);
+            labels.push('"');
         }
+        labels.shrink_to_fit();
         // Without mTLS a destination sees plaintext; the source side reports
         // `unknown`, as Istio does.
         let policy = match reporter {
