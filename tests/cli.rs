@@ -52,6 +52,23 @@ fn validate_prints_a_summary_or_every_error() {
     assert!(stdout.contains("labelz"), "{stdout}");
 }
 
+/// `remora validate | head`: a reader that goes away ends the output
+/// quietly, with the command's own exit code, not a panic.
+#[test]
+fn validate_output_to_a_closed_pipe_is_not_a_crash() {
+    let mut child = Command::new(BIN)
+        .args(["validate", "--config", "config/demo.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // closed before remora has written anything
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn run_exits_64_on_an_invalid_first_config_or_bad_flags() {
     let dir = tempfile::tempdir().unwrap();

@@ -108,7 +108,7 @@ pub fn status_main(args: StatusArgs) -> i32 {
             0
         }
         Ok(v) => {
-            print!("{}", status_table(&v));
+            super::emit(&status_table(&v));
             0
         }
         Err(e) => {

@@ -93,7 +93,7 @@ pub fn main(args: InjectArgs) -> i32 {
     }
     match inject_text(&text, &args) {
         Ok(out) => {
-            print!("{out}");
+            super::emit(&out);
             0
         }
         Err(e) => {

@@ -257,7 +257,7 @@ pub fn main(args: IptablesArgs) -> i32 {
                 println!("# {}: remove chains {}", if v6 { "ip6tables" } else { "iptables" }, CHAINS.join(", "));
             } else {
                 println!("# {}-restore --noflush", if v6 { "ip6tables" } else { "iptables" });
-                print!("{}", plan.rules(v6));
+                super::emit(&plan.rules(v6));
             }
         }
         return 0;

@@ -298,7 +298,20 @@ pub fn runtime(concurrency: Option<usize>) -> Result<tokio::runtime::Runtime, i3
     })
 }
 
+/// Writes a command's output to stdout. A reader that stops early (`| head`)
+/// ends the output quietly instead of failing the command.
+pub(crate) fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("remora: cannot write the output: {e}");
+    }
+}
+
 fn validate(args: &ConfigArgs) -> i32 {
+    use std::fmt::Write as _;
     if args.config.is_empty() {
         eprintln!("remora: --config is required");
         return EXIT_USAGE;
@@ -313,18 +326,22 @@ fn validate(args: &ConfigArgs) -> i32 {
     let set = load_paths(&args.config, &args.namespace);
     match compile(&set, &opts, &Registry::new()) {
         Ok(snapshot) => {
+            let mut out = String::new();
             for w in &snapshot.warnings {
-                println!("{w}");
+                let _ = writeln!(out, "{w}");
             }
-            print!("{}", snapshot.summary());
+            out.push_str(&snapshot.summary());
+            emit(&out);
             0
         }
         Err(diags) => {
             let errors = diags.iter().filter(|d| d.is_error()).count();
+            let mut out = String::new();
             for d in &diags {
-                println!("{d}");
+                let _ = writeln!(out, "{d}");
             }
-            println!("{errors} error(s); the config would be rejected");
+            let _ = writeln!(out, "{errors} error(s); the config would be rejected");
+            emit(&out);
             1
         }
     }
