@@ -169,6 +169,8 @@ pub struct Proxy {
     apply_lock: tokio::sync::Mutex<()>,
     pub reloads_applied: AtomicU64,
     pub reloads_rejected: AtomicU64,
+    /// Config sets read and found the same as the active one.
+    pub reloads_unchanged: AtomicU64,
     /// Set when a drain (or shutdown) starts; never cleared.
     draining: AtomicBool,
     /// The inbound listeners the drain stopped, once it has stopped them.
@@ -223,6 +225,7 @@ impl Proxy {
             apply_lock: tokio::sync::Mutex::new(()),
             reloads_applied: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
+            reloads_unchanged: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             drained: Mutex::new(None),
             drain_timeout_ms: AtomicU64::new(duration_ms(DEFAULT_DRAIN_TIMEOUT)),
@@ -422,6 +425,7 @@ impl Proxy {
             return ApplyOutcome::Unchanged { version: current.version.clone() };
         }
         if self.is_configured() && current.version == version {
+            self.reloads_unchanged.fetch_add(1, Ordering::Relaxed);
             return ApplyOutcome::Unchanged { version };
         }
         if let Some(r) = self.last_rejection()

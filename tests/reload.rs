@@ -114,6 +114,14 @@ async fn kubelet_configmap_symlink_swap_is_picked_up() {
         async move { version_of(&get(&c, &url, &[]).await.1) == "v2" }
     })
     .await;
+
+    // Reading the files is not a change: the reload's own reads must not
+    // set off reload after reload. Absence can only be watched over a
+    // window: a second is several debounce periods.
+    let before = proxy.reloads_unchanged.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reread = proxy.reloads_unchanged.load(Ordering::Relaxed) - before;
+    assert!(reread <= 1, "the config was read {reread} more times with nothing changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,13 +33,25 @@ pub fn watch_dirs(paths: &[PathBuf]) -> Vec<PathBuf> {
     dirs
 }
 
+/// Whether an event may mean changed config. Any event but a read may:
+/// kubelet's swap shows up as creates, renames and removes of dot-directories,
+/// never as a write to the file; a writer closing its file is the end of a
+/// write. Opening and reading change nothing, and the reload's own reads of
+/// the files must not set off another reload.
+fn may_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Starts watching the proxy's config paths and reloading on change.
 pub fn spawn(proxy: Arc<Proxy>) -> notify::Result<WatchHandle> {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        // Any event may be a change: kubelet's swap shows up as creates,
-        // renames and removes of dot-directories, never as a write to the file.
-        if res.is_ok() {
+        if res.is_ok_and(|e| may_change(&e.kind)) {
             let _ = tx.send(());
         }
     })?;
@@ -69,4 +81,24 @@ pub fn spawn(proxy: Arc<Proxy>) -> notify::Result<WatchHandle> {
         }
     });
     Ok(WatchHandle { _watcher: watcher })
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode};
+
+    use super::may_change;
+
+    #[test]
+    fn reads_are_not_changes() {
+        assert!(!may_change(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
+        assert!(!may_change(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(!may_change(&EventKind::Access(AccessKind::Read)));
+        assert!(may_change(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(may_change(&EventKind::Create(CreateKind::Folder)));
+        assert!(may_change(&EventKind::Modify(ModifyKind::Name(RenameMode::To))));
+        assert!(may_change(&EventKind::Remove(RemoveKind::Any)));
+        assert!(may_change(&EventKind::Any));
+    }
 }

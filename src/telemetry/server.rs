@@ -82,7 +82,12 @@ pub fn render(proxy: &Proxy) -> String {
     proxy.state.metrics.render(&mut out);
     render_clusters(proxy, &mut out);
 
-    family(&mut out, "remora_config_reloads_total", "counter", "Config sets applied or rejected.");
+    family(
+        &mut out,
+        "remora_config_reloads_total",
+        "counter",
+        "Config sets applied, rejected, or read and found unchanged.",
+    );
     let _ = writeln!(
         out,
         "remora_config_reloads_total{{result=\"applied\"}} {}",
@@ -92,6 +97,11 @@ pub fn render(proxy: &Proxy) -> String {
         out,
         "remora_config_reloads_total{{result=\"rejected\"}} {}",
         proxy.reloads_rejected.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "remora_config_reloads_total{{result=\"unchanged\"}} {}",
+        proxy.reloads_unchanged.load(Ordering::Relaxed)
     );
     let snap = proxy.snapshot();
     family(&mut out, "remora_config_active_info", "gauge", "The active config version.");
