@@ -444,6 +444,37 @@ async fn http10_request_is_accepted() {
     assert!(body.iter().all(|b| *b == b'x'));
 }
 
+/// The request target and Host reach the upstream as HTTP/1.1 wants them: an
+/// absolute-form target without a path goes as `/`, a query as it came, and
+/// repeated Host headers as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_target_and_host_reach_the_upstream_well_formed() {
+    let port = free_port();
+    let echo = support::echo("v1").await;
+    let yaml = [
+        gateway("gw", port),
+        service_entry("echo", "echo.test", 80, "HTTP", &[(echo, "v1")]),
+        gateway_vs("vs", "gw", &route_all("echo.test")),
+    ]
+    .concat();
+    let _p = TestProxy::start(&yaml).await;
+    let addr = proxy_addr(port);
+    let cases: [(&[u8], &str, Option<&str>); 3] = [
+        (b"GET http://x HTTP/1.0\r\nHost: x\r\n\r\n", "/", None),
+        (b"GET /a/b?c=1&d HTTP/1.0\r\nHost: x\r\n\r\n", "/a/b", Some("c=1&d")),
+        (b"GET /dup HTTP/1.0\r\nHost: x\r\nHost: y\r\n\r\n", "/dup", None),
+    ];
+    for (request, path, query) in cases {
+        let (raw, _) = raw_exchange(addr, request, Duration::from_secs(10)).await;
+        let (status, _, body) = parse_raw(&raw);
+        assert!(status.contains(" 200 "), "{}: {status}", String::from_utf8_lossy(request));
+        let v = echo_json(std::str::from_utf8(&body).unwrap());
+        assert_eq!(v["path"], path);
+        assert_eq!(v["query"].as_str(), query);
+        assert_eq!(v["headers"]["host"], "x", "one Host, the routed one: {v}");
+    }
+}
+
 // === 3. large bodies, bounded memory (the real binary) ===
 
 /// Kills the child proxy when the test ends, passed or panicked.

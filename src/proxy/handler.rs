@@ -882,14 +882,19 @@ fn finish_request(mut req: Request<Body>, ep: &EndpointState, t: &Target<'_>, at
         *req.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::from_static("/"));
     } else {
         *req.version_mut() = Version::HTTP_11;
-        let host = req.headers().get(header::HOST);
-        if host.is_none_or(|h| h.as_bytes() != t.authority.as_bytes())
-            && let Ok(v) = HeaderValue::from_str(t.authority)
-        {
+        // The downstream Host is kept when it is already the target and
+        // the only one; otherwise it is set (which also collapses repeats).
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let keep = matches!((hosts.next(), hosts.next()), (Some(h), None) if h.as_bytes() == t.authority.as_bytes());
+        if !keep && let Ok(v) = HeaderValue::from_str(t.authority) {
             req.headers_mut().insert(header::HOST, v);
         }
+        // The downstream target is reused when path and query are unchanged
+        // and it is not empty (absolute form without a path: `/` is sent).
         *req.uri_mut() = match t.downstream.path_and_query() {
-            Some(same) if same.path() == t.path && same.query() == t.query => Uri::from(same.clone()),
+            Some(same) if !same.as_str().is_empty() && same.path() == t.path && same.query() == t.query => {
+                Uri::from(same.clone())
+            }
             _ => pq().parse().unwrap_or_else(|_| Uri::from_static("/")),
         };
     }
