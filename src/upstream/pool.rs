@@ -912,25 +912,28 @@ impl EndpointState {
         }
         let mut grant = Grant::Ready(Ready::H1(tx, meta));
         loop {
-            let waiter = self.lock().waiters.pop_front();
-            match waiter {
-                Some(w) => match w.send(grant) {
-                    Ok(()) => return,
-                    Err(back) => grant = back,
-                },
-                None => break,
+            let mut inner = self.lock();
+            let Some(waiter) = inner.waiters.pop_front() else {
+                // No one waits: idle, under the same lock that found the
+                // queue empty, so a request that queues meanwhile (it looks
+                // for idle connections under this lock) cannot be missed.
+                let Grant::Ready(Ready::H1(tx, meta)) = grant else { return };
+                // Taken under the lock, so the idle list stays in the order
+                // connections went idle (`PoolInner::reap` relies on it).
+                let now = Instant::now();
+                self.close_idle(&mut inner, now);
+                if inner.idle.len() < MAX_IDLE_PER_ENDPOINT {
+                    inner.idle.push(IdleConn { tx, since: now, meta });
+                }
+                self.arm_reaper(&mut inner);
+                return;
+            };
+            drop(inner);
+            match waiter.send(grant) {
+                Ok(()) => return,
+                Err(back) => grant = back,
             }
         }
-        let Grant::Ready(Ready::H1(tx, meta)) = grant else { return };
-        let mut inner = self.lock();
-        // Taken under the lock, so the idle list stays in the order
-        // connections went idle (`PoolInner::reap` relies on it).
-        let now = Instant::now();
-        self.close_idle(&mut inner, now);
-        if inner.idle.len() < MAX_IDLE_PER_ENDPOINT {
-            inner.idle.push(IdleConn { tx, since: now, meta });
-        }
-        self.arm_reaper(&mut inner);
     }
 
     /// Closes the connections idle for `idleTimeout` or more, counting each.
