@@ -32,6 +32,10 @@ pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// the work of "billion laughs" input (Istio resources have a few hundred nodes).
 const MAX_EXPANDED_NODES: usize = 1_000_000;
 
+/// Scalar text one document may expand to through aliases: one large string
+/// aliased many times would otherwise be copied into memory each time.
+const MAX_EXPANDED_BYTES: usize = 64 * 1024 * 1024;
+
 /// Nesting depth of a document; Istio resources nest about a dozen levels.
 const MAX_DEPTH: usize = 64;
 
@@ -779,7 +783,9 @@ fn parse_stream(text: &str) -> Vec<Parsed> {
 #[derive(Default)]
 struct TreeBuilder {
     stack: Vec<Frame>,
-    anchors: HashMap<usize, (Rc<Node>, usize)>,
+    anchors: HashMap<usize, (Rc<Node>, Weight)>,
+    /// Scalar bytes in the document counting every alias expansion.
+    expanded_bytes: usize,
     /// Nodes in the document counting every alias expansion.
     expanded: usize,
     root: Option<Node>,
@@ -789,8 +795,8 @@ struct TreeBuilder {
 struct Frame {
     line: usize,
     anchor: usize,
-    /// Expanded node count of the collection so far.
-    size: usize,
+    /// Expanded size of the collection so far.
+    size: Weight,
     kind: FrameKind,
 }
 
@@ -801,18 +807,53 @@ enum FrameKind {
 
 type Fatal = (usize, String);
 
+/// What a node expands to: nodes, scalar bytes, and nesting levels below
+/// and including it. An alias brings all of its anchor's.
+#[derive(Clone, Copy)]
+struct Weight {
+    nodes: usize,
+    bytes: usize,
+    depth: usize,
+}
+
+impl Weight {
+    fn scalar(bytes: usize) -> Self {
+        Weight { nodes: 1, bytes, depth: 0 }
+    }
+
+    fn collection() -> Self {
+        Weight { nodes: 1, bytes: 0, depth: 1 }
+    }
+
+    fn add_child(&mut self, child: Weight) {
+        self.nodes = self.nodes.saturating_add(child.nodes);
+        self.bytes = self.bytes.saturating_add(child.bytes);
+        self.depth = self.depth.max(child.depth.saturating_add(1));
+    }
+}
+
 impl TreeBuilder {
     fn problem(&mut self, line: usize, message: impl Into<String>) {
         self.problems.push(Parsed::Problem { line, message: message.into() });
     }
 
-    fn count(&mut self, n: usize, line: usize) -> Result<(), Fatal> {
-        self.expanded = self.expanded.saturating_add(n);
+    fn count(&mut self, w: Weight, line: usize) -> Result<(), Fatal> {
+        self.expanded = self.expanded.saturating_add(w.nodes);
+        self.expanded_bytes = self.expanded_bytes.saturating_add(w.bytes);
         if self.expanded > MAX_EXPANDED_NODES {
             return Err((
                 line,
                 format!(
                     "document expands to more than {MAX_EXPANDED_NODES} YAML nodes (through aliases?); it is not loaded"
+                ),
+            ));
+        }
+        if self.expanded_bytes > MAX_EXPANDED_BYTES {
+            return Err((
+                line,
+                format!(
+                    "document expands to more than {} MiB of text (through aliases?); it is not loaded",
+                    MAX_EXPANDED_BYTES / (1024 * 1024)
                 ),
             ));
         }
@@ -824,7 +865,7 @@ impl TreeBuilder {
         let is_seq = matches!(event, Event::SequenceStart(..));
         match event {
             Event::Scalar(text, style, anchor, tag) => {
-                self.count(1, line)?;
+                self.count(Weight::scalar(text.len()), line)?;
                 let kind = match resolve_scalar(&text, style, tag.as_deref()) {
                     Ok(kind) => kind,
                     Err(msg) => {
@@ -832,11 +873,12 @@ impl TreeBuilder {
                         ScalarKind::Str
                     }
                 };
+                let weight = Weight::scalar(text.len());
                 let node = Node { line, value: Value::Scalar(Scalar { text: text.into_owned(), kind }) };
-                self.complete(node, 1, anchor);
+                self.complete(node, weight, anchor, line)?;
             }
             Event::SequenceStart(_, anchor, tag) | Event::MappingStart(_, anchor, tag) => {
-                self.count(1, line)?;
+                self.count(Weight::collection(), line)?;
                 if self.stack.len() >= MAX_DEPTH {
                     return Err((line, format!("document nests deeper than {MAX_DEPTH} levels; it is not loaded")));
                 }
@@ -848,7 +890,7 @@ impl TreeBuilder {
                 }
                 let kind =
                     if is_seq { FrameKind::Seq(Vec::new()) } else { FrameKind::Map { entries: Vec::new(), key: None } };
-                self.stack.push(Frame { line, anchor, size: 1, kind });
+                self.stack.push(Frame { line, anchor, size: Weight::collection(), kind });
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let Some(frame) = self.stack.pop() else {
@@ -863,28 +905,34 @@ impl TreeBuilder {
                         Value::Map(self.finish_map(entries))
                     }
                 };
-                self.complete(Node { line: frame.line, value }, frame.size, frame.anchor);
+                self.complete(Node { line: frame.line, value }, frame.size, frame.anchor, line)?;
             }
             Event::Alias(id) => {
                 let node = match self.anchors.get(&id) {
-                    Some((rc, size)) => {
-                        let (rc, size) = (Rc::clone(rc), *size);
-                        self.count(size, line)?;
-                        (Node { line, value: Value::Shared(rc) }, size)
+                    Some((rc, weight)) => {
+                        let (rc, weight) = (Rc::clone(rc), *weight);
+                        self.count(weight, line)?;
+                        (Node { line, value: Value::Shared(rc) }, weight)
                     }
                     None => {
                         self.problem(line, "alias refers to an unknown anchor");
-                        (Node { line, value: Value::Scalar(Scalar { text: String::new(), kind: ScalarKind::Null }) }, 1)
+                        let null = Scalar { text: String::new(), kind: ScalarKind::Null };
+                        (Node { line, value: Value::Scalar(null) }, Weight::scalar(0))
                     }
                 };
-                self.complete(node.0, node.1, 0);
+                self.complete(node.0, node.1, 0, line)?;
             }
             _ => {}
         }
         Ok(())
     }
 
-    fn complete(&mut self, node: Node, size: usize, anchor: usize) {
+    fn complete(&mut self, node: Node, size: Weight, anchor: usize, line: usize) -> Result<(), Fatal> {
+        // Nesting through aliases: the levels of the aliased tree count where
+        // it is used, since deserializing walks them there.
+        if self.stack.len().saturating_add(size.depth) > MAX_DEPTH {
+            return Err((line, format!("document nests deeper than {MAX_DEPTH} levels; it is not loaded")));
+        }
         let node = if anchor == 0 {
             node
         } else {
@@ -900,7 +948,7 @@ impl TreeBuilder {
                 }
             }
             Some(frame) => {
-                frame.size = frame.size.saturating_add(size);
+                frame.size.add_child(size);
                 match &mut frame.kind {
                     FrameKind::Seq(items) => items.push(node),
                     FrameKind::Map { entries, key } => match key.take() {
@@ -910,6 +958,7 @@ impl TreeBuilder {
                 }
             }
         }
+        Ok(())
     }
 
     /// Rejects non-scalar and duplicate keys and applies `<<` merge keys
@@ -1808,6 +1857,29 @@ spec:
         let errs = errors(&set);
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].contains("expands to more than"), "{errs:?}");
+    }
+
+    #[test]
+    fn nesting_and_text_through_aliases_are_bounded() {
+        // Each anchor nests its predecessor 10 levels deeper: 7 of them are
+        // 70 levels, though no one collection is written deeper than 11.
+        let mut deep = String::from("kind: VirtualService\nspec:\n  a0: &a0 x\n");
+        for i in 1..8 {
+            let _ = writeln!(deep, "  a{i}: &a{i} {}*a{}{}", "[".repeat(10), i - 1, "]".repeat(10));
+        }
+        // One 1 MiB string aliased 100 times: 100 MiB of text.
+        let mut wide = format!("kind: VirtualService\nspec:\n  s: &s {}\n  l: [", "x".repeat(1024 * 1024));
+        wide.push_str(&vec!["*s"; 100].join(", "));
+        wide.push_str("]\n");
+        for (text, want) in [(deep, "nests deeper than 64"), (wide, "MiB of text")] {
+            let set = load(&text);
+            assert!(set.resources.is_empty());
+            let errs = errors(&set);
+            assert!(errs.iter().any(|e| e.contains(want)), "{errs:?}");
+        }
+        // Within the bounds, aliases still work (a few levels, a few copies).
+        let ok = "kind: List\nitems: []\nx: &x [[1]]\ny: [*x, *x]\n";
+        assert!(errors(&load(ok)).iter().all(|e| !e.contains("nests") && !e.contains("expands")));
     }
 
     #[test]
