@@ -78,6 +78,18 @@ fn route_all(host: &str) -> String {
     format!("  - route:\n    - destination:\n        host: {host}\n")
 }
 
+/// A proxy whose gateway on `port` sends every request to one echo backend.
+async fn echo_gateway(port: u16) -> TestProxy {
+    let echo = support::echo("v1").await;
+    let yaml = [
+        gateway("gw", port),
+        service_entry("echo", "echo.test", 80, "HTTP", &[(echo, "v1")]),
+        gateway_vs("vs", "gw", &route_all("echo.test")),
+    ]
+    .concat();
+    TestProxy::start(&yaml).await
+}
+
 /// A deterministic, non-repeating-looking payload of `n` bytes.
 fn payload(n: usize) -> Vec<u8> {
     (0..n).map(|i| ((i * 31 + i / 251) % 251) as u8).collect()
@@ -450,14 +462,7 @@ async fn http10_request_is_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_target_and_host_reach_the_upstream_well_formed() {
     let port = free_port();
-    let echo = support::echo("v1").await;
-    let yaml = [
-        gateway("gw", port),
-        service_entry("echo", "echo.test", 80, "HTTP", &[(echo, "v1")]),
-        gateway_vs("vs", "gw", &route_all("echo.test")),
-    ]
-    .concat();
-    let _p = TestProxy::start(&yaml).await;
+    let _p = echo_gateway(port).await;
     let addr = proxy_addr(port);
     let cases: [(&[u8], &str, Option<&str>); 3] = [
         (b"GET http://x HTTP/1.0\r\nHost: x\r\n\r\n", "/", None),
@@ -1106,14 +1111,7 @@ async fn silent_connections_are_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_rapid_reset_does_not_break_the_proxy() {
     let port = free_port();
-    let echo = support::echo("v1").await;
-    let yaml = [
-        gateway("gw", port),
-        service_entry("echo", "echo.test", 80, "HTTP", &[(echo, "v1")]),
-        gateway_vs("vs", "gw", &route_all("echo.test")),
-    ]
-    .concat();
-    let _p = TestProxy::start(&yaml).await;
+    let _p = echo_gateway(port).await;
 
     const STREAMS: usize = 2000;
     let attack = async {
