@@ -104,7 +104,7 @@ pub fn status_main(args: StatusArgs) -> i32 {
     };
     match rt.block_on(fetch_proxies(&args)) {
         Ok(v) if args.json => {
-            println!("{v:#}");
+            super::emit(&format!("{v:#}\n"));
             0
         }
         Ok(v) => {

@@ -252,14 +252,17 @@ pub fn main(args: IptablesArgs) -> i32 {
     };
     let families: &[bool] = if args.ipv6 { &[false, true] } else { &[false] };
     if args.dry_run {
+        let mut out = String::new();
         for &v6 in families {
+            let tool = if v6 { "ip6tables" } else { "iptables" };
             if args.cleanup {
-                println!("# {}: remove chains {}", if v6 { "ip6tables" } else { "iptables" }, CHAINS.join(", "));
+                out.push_str(&format!("# {tool}: remove chains {}\n", CHAINS.join(", ")));
             } else {
-                println!("# {}-restore --noflush", if v6 { "ip6tables" } else { "iptables" });
-                super::emit(&plan.rules(v6));
+                out.push_str(&format!("# {tool}-restore --noflush\n"));
+                out.push_str(&plan.rules(v6));
             }
         }
+        super::emit(&out);
         return 0;
     }
     for &v6 in families {
